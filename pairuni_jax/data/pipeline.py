@@ -1,0 +1,253 @@
+"""The tf.data input pipeline: PairUG pairs -> batches of P pairs as dicts of numpy arrays.
+
+    source (JSONL or TFDS) -> per-epoch permutation (seed, epoch) -> this host's shard
+      -> tf.data: decode + understanding preprocessing (JanusProcessor.preprocess_image), parallel,
+         order-preserving -> batch P -> prefetch
+      -> tokenise with the chat templates, left-pad to length buckets -> batch dict
+
+Order is a pure function of (seed, epoch, process_index, process_count), so the position
+`{"epoch", "batch"}` (`PairIterator.state()`, JSON, fits a checkpoint's meta) resumes exactly:
+an iterator made from a saved state yields the batches an uninterrupted one would have.
+Multi-host: every epoch the global permutation is cut to a multiple of process_count * P and
+dealt round-robin, so hosts read disjoint shards with the same number of batches; the few pairs
+left over differ every epoch (`PairPipeline.dropped_per_epoch`).
+
+Batch (P = pairs_per_batch, S = processor.image_size, Lu / Lg = bucketed lengths):
+  index             int64   [P]        record index in the source
+  und_ids           int32   [P, Lu]    understanding prompt (placeholders expanded), left-padded
+  und_mask          bool    [P, Lu]    True on real tokens
+  und_image_mask    bool    [P, Lu]    True on <image_placeholder> positions (for the features)
+  pixel_values      float32 [P, S, S, 3] understanding image in [-1, 1]
+  und_answer        object  [P]        answer letter, e.g. "B"
+  und_answer_index  int32   [P]        0 for "A", 1 for "B", ...
+  und_num_options   int32   [P]        number of options of the question
+  und_question      object  [P]        question text
+  und_tag           object  [P]
+  gen_ids           int32   [P, Lg]    generation prompt ending in <begin_of_image>, left-padded
+  gen_mask          bool    [P, Lg]
+  gen_uncond_ids    int32   [P, Lg]    CFG unconditional prompt (same mask as gen_ids)
+  gen_prompt        object  [P]        generation prompt text (text rewards read it)
+  gen_tag           object  [P]
+  pair_type         int32   [P]        index into pairug.PAIR_TYPES: 0 aligned, 1 retrieved
+  similarity        float32 [P]
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import io
+import os
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+from pairuni_jax.data import pairug
+from pairuni_jax.processing import pad_left
+
+
+class PairSource(Protocol):
+    """Random access to pairs: the record and the understanding image's encoded bytes."""
+
+    name: str
+
+    def __len__(self) -> int: ...
+
+    def record(self, index: int) -> pairug.PairRecord: ...
+
+    def understanding_image(self, index: int) -> bytes: ...
+
+
+class JsonlPairSource:
+    """Pairs from a PairUG JSONL file; images read from the dataset root on demand."""
+
+    def __init__(self, path: str, *, root: str | None = None, on_error: pairug.OnError = "raise"):
+        self.read = pairug.read_pairug(path, root=root, on_error=on_error)
+        self.name = path
+        self.records = self.read.records
+        self.root = self.read.root
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def record(self, index: int) -> pairug.PairRecord:
+        return self.records[index]
+
+    def understanding_image(self, index: int) -> bytes:
+        rel = self.records[index].understand_ann.image_path
+        with open(pairug.resolve_image_path(rel, self.root), "rb") as f:
+            return f.read()
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    pairs_per_batch: int = 16  # P, per host
+    seed: int = 0
+    process_index: int = 0
+    process_count: int = 1
+    und_buckets: Sequence[int] | None = None  # padded lengths; None: multiples of bucket_multiple
+    gen_buckets: Sequence[int] | None = None
+    bucket_multiple: int = 64
+    num_parallel_calls: int = -1  # -1: tf.data.AUTOTUNE
+    prefetch_batches: int = 2
+    num_epochs: int | None = None  # None: repeat forever
+
+
+def bucket_length(length: int, buckets: Sequence[int] | None, multiple: int, what: str) -> int:
+    """Smallest bucket >= length (or length rounded up to `multiple` when no buckets are given)."""
+    if buckets is None:
+        return -(-length // multiple) * multiple
+    at = bisect.bisect_left(sorted(buckets), length)
+    if at == len(buckets):
+        raise ValueError(f"{what}: length {length} exceeds the largest bucket {max(buckets)}")
+    return sorted(buckets)[at]
+
+
+class PairPipeline:
+    """Deterministic, shardable, resumable batches of pairs (see the module docstring)."""
+
+    def __init__(self, source: PairSource, processor, config: PipelineConfig = PipelineConfig()):  # noqa: B008
+        import tensorflow as tf
+
+        tf.config.set_visible_devices([], "GPU")  # TF must never take accelerator memory
+        c = config
+        if not 0 <= c.process_index < c.process_count:
+            raise ValueError(f"process_index {c.process_index} not in [0, {c.process_count})")
+        self.source, self.processor, self.config = source, processor, config
+        per_step = c.process_count * c.pairs_per_batch
+        self.batches_per_epoch = len(source) // per_step
+        self.dropped_per_epoch = len(source) - self.batches_per_epoch * per_step
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"{source.name}: {len(source)} pairs are fewer than one global batch "
+                f"({c.process_count} hosts x {c.pairs_per_batch} pairs)"
+            )
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """This host's record indices for `epoch`, in order: int64 [batches_per_epoch * P]."""
+        c = self.config
+        perm = np.random.default_rng([c.seed, epoch]).permutation(len(self.source))
+        used = perm[: self.batches_per_epoch * c.process_count * c.pairs_per_batch]
+        return used[c.process_index :: c.process_count]
+
+    def iterator(self, state: dict | None = None) -> PairIterator:
+        """An iterator starting at `state` (from `PairIterator.state()`), or at the beginning."""
+        return PairIterator(self, state)
+
+    def __iter__(self) -> Iterator[dict]:
+        return self.iterator()
+
+    # -- pieces used by the iterator --------------------------------------------------------
+
+    def _image_dataset(self, indices: np.ndarray):
+        """tf.data over `indices` yielding (index [P], pixels [P, S, S, 3]) batches, in order."""
+        import tensorflow as tf
+
+        c, size = self.config, self.processor.image_size
+        source, processor = self.source, self.processor
+
+        def load(index):  # runs in tf.data's thread pool; PIL releases the GIL while decoding
+            data = source.understanding_image(int(index))
+            with Image.open(io.BytesIO(data)) as im:
+                return processor.preprocess_image(im).astype(np.float32)
+
+        def map_fn(index):
+            pixels = tf.numpy_function(load, [index], tf.float32, stateful=False)
+            pixels.set_shape((size, size, 3))
+            return index, pixels
+
+        parallel = tf.data.AUTOTUNE if c.num_parallel_calls < 0 else c.num_parallel_calls
+        ds = tf.data.Dataset.from_tensor_slices(indices.astype(np.int64))
+        ds = ds.map(map_fn, num_parallel_calls=parallel, deterministic=True)
+        ds = ds.batch(c.pairs_per_batch, drop_remainder=True)
+        options = tf.data.Options()
+        options.deterministic = True
+        options.threading.private_threadpool_size = max(os.cpu_count() or 1, 1)
+        return ds.with_options(options).prefetch(c.prefetch_batches)
+
+    def _text_arrays(self, indices: np.ndarray) -> dict:
+        c, proc = self.config, self.processor
+        records = [self.source.record(int(i)) for i in indices]
+        und = [proc.understanding_ids(r.understand_ann.question) for r in records]
+        gen = [proc.generation_ids(r.generate_ann.prompt) for r in records]
+        where = f"{self.source.name} records {indices.tolist()}"
+        lu = bucket_length(max(map(len, und)), c.und_buckets, c.bucket_multiple, where)
+        lg = bucket_length(max(map(len, gen)), c.gen_buckets, c.bucket_multiple, where)
+        und_ids, und_mask = pad_left(und, proc.pad_id, lu)  # [P, Lu]
+        gen_ids, gen_mask = pad_left(gen, proc.pad_id, lg)  # [P, Lg]
+        uncond, _ = pad_left([proc.unconditional_ids(g) for g in gen], proc.pad_id, lg)
+        answers = [r.understand_ann.answer for r in records]
+        return {
+            "und_ids": und_ids,
+            "und_mask": und_mask,
+            "und_image_mask": und_ids == proc.image_placeholder_id,
+            "und_answer": np.array(answers, dtype=object),
+            "und_answer_index": np.array([ord(a) - ord("A") for a in answers], np.int32),
+            "und_num_options": np.array(
+                [len(pairug.mc_options(r.understand_ann.question)) for r in records], np.int32
+            ),
+            "und_question": np.array([r.understand_ann.question for r in records], dtype=object),
+            "und_tag": np.array([r.understand_ann.tag for r in records], dtype=object),
+            "gen_ids": gen_ids,
+            "gen_mask": gen_mask,
+            "gen_uncond_ids": uncond,
+            "gen_prompt": np.array([r.generate_ann.prompt for r in records], dtype=object),
+            "gen_tag": np.array([r.generate_ann.tag for r in records], dtype=object),
+            "pair_type": np.array(
+                [pairug.PAIR_TYPES.index(r.pair_type) for r in records], np.int32
+            ),
+            "similarity": np.array([r.similarity for r in records], np.float32),
+        }
+
+
+class PairIterator:
+    """Iterates batches from a position; `state()` is the position of the next batch."""
+
+    def __init__(self, pipeline: PairPipeline, state: dict | None):
+        self.pipeline = pipeline
+        c = pipeline.config
+        self._identity = {
+            "seed": c.seed,
+            "process_index": c.process_index,
+            "process_count": c.process_count,
+            "pairs_per_batch": c.pairs_per_batch,
+            "num_records": len(pipeline.source),
+        }
+        state = dict(state or {"epoch": 0, "batch": 0})
+        for key, value in self._identity.items():
+            if key in state and state[key] != value:
+                raise ValueError(
+                    f"data state was saved with {key}={state[key]}, the pipeline has {value}; "
+                    "resuming would not reproduce the saved order"
+                )
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        if not 0 <= self.batch <= pipeline.batches_per_epoch:
+            raise ValueError(f"batch {self.batch} outside [0, {pipeline.batches_per_epoch}]")
+        self._it = None
+
+    def state(self) -> dict:
+        """JSON-ready position of the next batch, plus what it is only valid for."""
+        return {"epoch": self.epoch, "batch": self.batch, **self._identity}
+
+    def __iter__(self) -> PairIterator:
+        return self
+
+    def _start_epoch(self):
+        p = self.pipeline
+        offset = self.batch * p.config.pairs_per_batch
+        self._it = iter(p._image_dataset(p.epoch_indices(self.epoch)[offset:]).as_numpy_iterator())
+
+    def __next__(self) -> dict:
+        p = self.pipeline
+        if self.batch >= p.batches_per_epoch:
+            self.epoch, self.batch, self._it = self.epoch + 1, 0, None
+        if p.config.num_epochs is not None and self.epoch >= p.config.num_epochs:
+            raise StopIteration
+        if self._it is None:
+            self._start_epoch()
+        indices, pixels = next(self._it)  # [P], [P, S, S, 3]
+        batch = {"index": indices, "pixel_values": pixels, **p._text_arrays(indices)}
+        self.batch += 1
+        return batch

@@ -1,0 +1,164 @@
+"""tf.data pipeline: batch contents, preprocessing parity, determinism, sharding and resume."""
+
+import numpy as np
+import pytest
+from PIL import Image
+from tiny_tokenizer import save_tiny_tokenizer
+
+from pairuni_jax.data import pairug, pipeline
+from pairuni_jax.processing import JanusProcessor
+
+N_PAIRS = 21
+SIZE, N_IMG = 32, 4
+
+
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    save_tiny_tokenizer(path)
+    return JanusProcessor.from_pretrained(path, image_size=SIZE, num_image_tokens=N_IMG)
+
+
+def write_dataset(root, n=N_PAIRS, seed=0):
+    """n pairs with images of mixed sizes and formats, questions of varied length."""
+    rng = np.random.default_rng(seed)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        h, w = rng.integers(20, 90, size=2)
+        pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        ext = "jpg" if i % 2 else "png"
+        Image.fromarray(pixels).save(root / f"img/{i}.{ext}")
+        options = ["red", "blue", "green", "yellow"][: 2 + i % 3]
+        question = pairug.format_mc_question("What colour is the circle " * (1 + i % 4), options)
+        records.append(pairug.PairRecord(
+            similarity=1.0 if i % 3 == 0 else round(0.6 + i / 100, 3),
+            pair_type="aligned" if i % 3 == 0 else "retrieved",
+            generate_ann=pairug.GenerationAnn(f"img/{i}.{ext}", "a red circle " * (1 + i % 5),
+                                              f"g{i % 2}"),
+            understand_ann=pairug.UnderstandingAnn(f"img/{i}.{ext}", question,
+                                                   "ABCD"[i % len(options)], f"u{i % 3}"),
+        ))
+    path = root / "pairs.jsonl"
+    pairug.write_pairug(str(path), records)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return pipeline.JsonlPairSource(write_dataset(tmp_path_factory.mktemp("data")))
+
+
+def make(source, processor, **kw):
+    cfg = dict(pairs_per_batch=4, seed=0, bucket_multiple=16)
+    cfg.update(kw)
+    return pipeline.PairPipeline(source, processor, pipeline.PipelineConfig(**cfg))
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+
+
+def test_batch_contents(source, processor):
+    p = make(source, processor)
+    assert p.batches_per_epoch == 5 and p.dropped_per_epoch == 1
+    batch = next(iter(p))
+    P = 4
+    assert batch["pixel_values"].shape == (P, SIZE, SIZE, 3)
+    assert batch["pixel_values"].dtype == np.float32
+    lu, lg = batch["und_ids"].shape[1], batch["gen_ids"].shape[1]
+    assert lu % 16 == 0 and lg % 16 == 0
+    for key, shape, dtype in [
+        ("index", (P,), np.int64), ("und_mask", (P, lu), bool), ("und_image_mask", (P, lu), bool),
+        ("und_answer_index", (P,), np.int32), ("gen_mask", (P, lg), bool),
+        ("gen_uncond_ids", (P, lg), np.int32), ("pair_type", (P,), np.int32),
+        ("similarity", (P,), np.float32), ("und_ids", (P, lu), np.int32),
+    ]:
+        assert batch[key].shape == shape and batch[key].dtype == dtype, key
+    for row, index in enumerate(batch["index"]):
+        rec = source.record(int(index))
+        # pixels equal the processor's own preprocessing of the decoded file
+        with Image.open(f"{source.root}/{rec.understand_ann.image_path}") as im:
+            assert np.array_equal(batch["pixel_values"][row], processor.preprocess_image(im))
+        und = processor.understanding_ids(rec.understand_ann.question)
+        assert batch["und_ids"][row, lu - len(und):].tolist() == und  # left padded
+        assert batch["und_mask"][row].sum() == len(und) and batch["und_mask"][row, -1]
+        assert (batch["und_ids"][row][~batch["und_mask"][row]] == processor.pad_id).all()
+        assert batch["und_image_mask"][row].sum() == N_IMG
+        gen = processor.generation_ids(rec.generate_ann.prompt)
+        assert batch["gen_ids"][row, lg - len(gen):].tolist() == gen
+        assert batch["gen_uncond_ids"][row, lg - len(gen):].tolist() == (
+            processor.unconditional_ids(gen))
+        assert batch["gen_prompt"][row] == rec.generate_ann.prompt
+        assert batch["und_answer"][row] == rec.understand_ann.answer
+        assert batch["und_answer_index"][row] == "ABCD".index(rec.understand_ann.answer)
+        assert batch["und_num_options"][row] == len(pairug.mc_options(rec.understand_ann.question))
+        assert pairug.PAIR_TYPES[batch["pair_type"][row]] == rec.pair_type
+        assert batch["similarity"][row] == np.float32(rec.similarity)
+        assert batch["und_tag"][row] == rec.understand_ann.tag
+        assert batch["gen_tag"][row] == rec.generate_ann.tag
+
+
+def test_deterministic_by_seed_and_epoch(source, processor):
+    a = take(make(source, processor).iterator(), 10)  # two epochs
+    b = take(make(source, processor).iterator(), 10)
+    for x, y in zip(a, b, strict=True):
+        assert_same(x, y)
+    epoch0 = np.concatenate([x["index"] for x in a[:5]])
+    epoch1 = np.concatenate([x["index"] for x in a[5:]])
+    assert len(set(epoch0.tolist())) == 20 and not np.array_equal(epoch0, epoch1)
+    other = take(make(source, processor, seed=1).iterator(), 5)
+    other = np.concatenate([x["index"] for x in other])
+    assert not np.array_equal(epoch0, other)
+
+
+def test_resume_yields_exactly_the_uninterrupted_batches(source, processor):
+    full = take(make(source, processor).iterator(), 12)
+    for stop in (3, 5, 7):  # mid-epoch, at the epoch boundary, in the second epoch
+        it = make(source, processor).iterator()
+        take(it, stop)
+        state = it.state()
+        resumed = make(source, processor).iterator(state)
+        for x, y in zip(full[stop:], take(resumed, 12 - stop), strict=True):
+            assert_same(x, y)
+
+
+def test_state_from_another_configuration_is_refused(source, processor):
+    it = make(source, processor).iterator()
+    next(it)
+    with pytest.raises(ValueError, match="seed=0"):
+        make(source, processor, seed=1).iterator(it.state())
+
+
+def test_hosts_read_disjoint_equal_shards(source, processor):
+    shards = []
+    for index in range(2):
+        p = make(source, processor, pairs_per_batch=2, process_index=index, process_count=2)
+        assert p.batches_per_epoch == 5
+        shards.append(np.concatenate([b["index"] for b in take(p.iterator(), 5)]))
+    assert len(shards[0]) == len(shards[1]) == 10
+    assert not set(shards[0].tolist()) & set(shards[1].tolist())
+    with pytest.raises(ValueError, match="process_index"):
+        make(source, processor, process_index=2, process_count=2)
+
+
+def test_buckets_and_epochs(source, processor):
+    p = make(source, processor, und_buckets=(8, 2000), gen_buckets=(64,), num_epochs=1)
+    batches = list(p.iterator())
+    assert len(batches) == 5
+    assert {b["und_ids"].shape[1] for b in batches} == {2000}
+    assert {b["gen_ids"].shape[1] for b in batches} == {64}
+    with pytest.raises(ValueError, match="exceeds the largest bucket 8"):
+        next(make(source, processor, gen_buckets=(8,)).iterator())
+    assert pipeline.bucket_length(65, None, 64, "x") == 128
+
+
+def test_too_few_pairs_for_one_batch(source, processor):
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        make(source, processor, pairs_per_batch=8, process_count=4)
