@@ -1,0 +1,54 @@
+"""Shapes world evaluation: GenEval-style generation accuracy and multiple-choice accuracy, both
+by category."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+
+from pairuni_jax.data.shapes_checker import score_images
+from pairuni_jax.data.shapes_render import DEFAULT_WORLD, WorldConfig
+from pairuni_jax.data.shapes_text import parse_prompt
+
+_ANSWER_TAG = re.compile(r"<answer>\s*([A-Z])\s*[.)]?\s*</answer>")
+_LEADING_LETTER = re.compile(r"^\s*\(?([A-Z])(?:[.):]|\s*$)")
+
+
+def extract_choice(text: str) -> str | None:
+    """The option letter of a model answer: from "<answer>X</answer>" if present, else a bare
+    "X", or a leading "X.", "X:", "(X)"; None otherwise ("I think" is not an answer "I")."""
+    m = _ANSWER_TAG.search(text) or _LEADING_LETTER.match(text)
+    return m.group(1) if m else None
+
+
+def _by_category(correct: Sequence[bool], tags: Sequence[str]) -> dict[str, float]:
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for ok, tag in zip(correct, tags, strict=True):
+        groups[tag].append(bool(ok))
+    return {tag: float(np.mean(v)) for tag, v in sorted(groups.items())}
+
+
+def geneval_accuracy(images: np.ndarray, prompts: Sequence[str],
+                     cfg: WorldConfig = DEFAULT_WORLD) -> dict[str, float]:
+    """Strict accuracy per prompt category, plus "overall" = the mean over categories (as GenEval
+    reports it) and "constraints" = the mean fraction of constraints met over all images."""
+    frac, strict = score_images(images, prompts, cfg)
+    result = _by_category(strict, [parse_prompt(p).category for p in prompts])
+    result["overall"] = float(np.mean(list(result.values())))
+    result["constraints"] = float(frac.mean())
+    return result
+
+
+def mc_accuracy(predictions: Sequence[str | None], answers: Sequence[str],
+                tags: Sequence[str]) -> dict[str, float]:
+    """Accuracy per question tag plus "overall" over all items (as MMStar/POPE report it).
+
+    `predictions` are letters (see `extract_choice`) or None for an unreadable answer (wrong).
+    """
+    correct = [p is not None and p == a for p, a in zip(predictions, answers, strict=True)]
+    result = _by_category(correct, tags)
+    result["overall"] = float(np.mean(correct)) if correct else float("nan")
+    return result
