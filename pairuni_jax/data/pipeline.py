@@ -45,7 +45,7 @@ import numpy as np
 from PIL import Image
 
 from pairuni_jax.data import pairug
-from pairuni_jax.processing import pad_left
+from pairuni_jax.processing import PAD_COLOUR, pad_left, resized_size
 
 
 class PairSource(Protocol):
@@ -93,6 +93,25 @@ class PipelineConfig:
     num_parallel_calls: int = -1  # -1: tf.data.AUTOTUNE
     prefetch_batches: int = 2
     num_epochs: int | None = None  # None: repeat forever
+    # Decode JPEGs at reduced scale and box-reduce to >= 2x the target before the bicubic resize:
+    # several times faster on large images, but pixels differ slightly from the reference.
+    fast_resize: bool = False
+
+
+def decode_letterboxed(data: bytes, size: int, *, fast: bool = False) -> np.ndarray:
+    """Encoded image -> uint8 [size, size, 3]: RGB, long side to `size` (bicubic, floored), centred
+    on PAD_COLOUR. Exactly JanusProcessor.preprocess_image before its float scaling (tested)."""
+    with Image.open(io.BytesIO(data)) as im:
+        if fast:
+            im.draft("RGB", (2 * size, 2 * size))  # JPEG only; keeps >= 2x the target size
+        image = im.convert("RGB")
+    if fast and (factor := max(image.size) // (2 * size)) >= 2:
+        image = image.reduce(factor)
+    w, h = resized_size(*image.size, size)
+    image = image.resize((w, h), Image.Resampling.BICUBIC)
+    square = Image.new("RGB", (size, size), PAD_COLOUR)
+    square.paste(image, ((size - w) // 2, (size - h) // 2))
+    return np.asarray(square)
 
 
 def bucket_length(length: int, buckets: Sequence[int] | None, multiple: int, what: str) -> int:
@@ -145,16 +164,15 @@ class PairPipeline:
         """tf.data over `indices` yielding (index [P], pixels [P, S, S, 3]) batches, in order."""
         import tensorflow as tf
 
-        c, size = self.config, self.processor.image_size
-        source, processor = self.source, self.processor
+        c, size, source = self.config, self.processor.image_size, self.source
 
         def load(index):  # runs in tf.data's thread pool; PIL releases the GIL while decoding
             data = source.understanding_image(int(index))
-            with Image.open(io.BytesIO(data)) as im:
-                return processor.preprocess_image(im).astype(np.float32)
+            return decode_letterboxed(data, size, fast=c.fast_resize)  # uint8 [S, S, 3]
 
         def map_fn(index):
-            pixels = tf.numpy_function(load, [index], tf.float32, stateful=False)
+            pixels = tf.numpy_function(load, [index], tf.uint8, stateful=False)
+            pixels = (tf.cast(pixels, tf.float32) / 255.0 - 0.5) / 0.5  # as preprocess_image
             pixels.set_shape((size, size, 3))
             return index, pixels
 
