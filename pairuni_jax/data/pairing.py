@@ -194,16 +194,6 @@ class PairingResult:
     report: dict
 
 
-def _relative_to(full: str, out_root: str, what: str) -> str:
-    rel = os.path.relpath(full, out_root)
-    if rel.startswith(os.pardir + os.sep) or rel == os.pardir or os.path.isabs(rel):
-        raise ValueError(
-            f"{what}: image {full} is outside the output dataset root {out_root}; "
-            "pass --out-root with a directory containing every image"
-        )
-    return rel
-
-
 def build_pairs(
     und: pairug.ReadResult,
     gen: pairug.ReadResult,
@@ -228,14 +218,12 @@ def build_pairs(
             g_full = os.path.realpath(os.path.join(a.root, r.generate_ann.image_path))
             u_full = os.path.realpath(os.path.join(a.root, r.understand_ann.image_path))
             used_images.update((g_full, u_full))
+            rel_g = pairug.relative_image_path(g_full, out_root, a.path)
+            rel_u = pairug.relative_image_path(u_full, out_root, a.path)
             records.append(dataclasses.replace(
                 r,
-                generate_ann=dataclasses.replace(
-                    r.generate_ann, image_path=_relative_to(g_full, out_root, a.path)
-                ),
-                understand_ann=dataclasses.replace(
-                    r.understand_ann, image_path=_relative_to(u_full, out_root, a.path)
-                ),
+                generate_ann=dataclasses.replace(r.generate_ann, image_path=rel_g),
+                understand_ann=dataclasses.replace(r.understand_ann, image_path=rel_u),
             ))
     n_aligned = len(records)
 
@@ -260,10 +248,10 @@ def build_pairs(
             similarity=round(min(max(sim, 0.0), 1.0), 6),
             pair_type="retrieved",
             generate_ann=dataclasses.replace(
-                g, image_path=_relative_to(gen_abs[g_idx[gi]], out_root, gen.path)
+                g, image_path=pairug.relative_image_path(gen_abs[g_idx[gi]], out_root, gen.path)
             ),
             understand_ann=dataclasses.replace(
-                u, image_path=_relative_to(und_abs[u_idx[ui]], out_root, und.path)
+                u, image_path=pairug.relative_image_path(und_abs[u_idx[ui]], out_root, und.path)
             ),
         ))
     report = make_report(records)

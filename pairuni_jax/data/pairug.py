@@ -223,6 +223,17 @@ def resolve_image_path(rel: str, root: str, make_error=None) -> str:
     return full
 
 
+def relative_image_path(path: str, root: str, what: str) -> str:
+    """`path` relative to dataset `root`, for writing records; an error if it lies outside."""
+    full, root = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([full, root]) != root:
+        raise ValueError(
+            f"{what}: image {full} is outside the output dataset root {root}; "
+            "pass --out-root with a directory containing every image"
+        )
+    return os.path.relpath(full, root)
+
+
 def _image_problem(full: str) -> tuple[str, str] | None:
     """(reason, detail) when the image cannot be used, else None. Decodes the full image."""
     from PIL import Image, UnidentifiedImageError
