@@ -162,3 +162,26 @@ def test_buckets_and_epochs(source, processor):
 def test_too_few_pairs_for_one_batch(source, processor):
     with pytest.raises(ValueError, match="fewer than one global batch"):
         make(source, processor, pairs_per_batch=8, process_count=4)
+
+
+def test_tfds_source_gives_the_same_batches(source, processor, tmp_path):
+    from pairuni_jax.data import tfds_pairug
+
+    builder = tfds_pairug.PairUG(data_dir=str(tmp_path / "tfds"), jsonl_path=source.name)
+    builder.download_and_prepare()
+    tfds_source = pipeline.open_source(str(tmp_path / "tfds"))
+    assert isinstance(tfds_source, tfds_pairug.TfdsPairSource) and len(tfds_source) == N_PAIRS
+    assert [tfds_source.record(i) for i in range(N_PAIRS)] == source.records
+    for x, y in zip(take(make(source, processor).iterator(), 6),
+                    take(make(tfds_source, processor).iterator(), 6), strict=True):
+        assert_same(x, y)
+
+
+def test_tfds_builder_validates_its_input(tmp_path):
+    from pairuni_jax.data import tfds_pairug
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"similarity": 2}\n')
+    builder = tfds_pairug.PairUG(data_dir=str(tmp_path / "tfds"), jsonl_path=str(bad))
+    with pytest.raises(pairug.RecordError, match="bad.jsonl:1"):
+        builder.download_and_prepare()

@@ -81,6 +81,15 @@ class JsonlPairSource:
             return f.read()
 
 
+def open_source(path: str, *, root: str | None = None, on_error: pairug.OnError = "raise"):
+    """A PairUG JSONL file, or a directory prepared by `tfds_pairug.PairUG`, as a PairSource."""
+    if os.path.isdir(path):
+        from pairuni_jax.data.tfds_pairug import TfdsPairSource
+
+        return TfdsPairSource(path)
+    return JsonlPairSource(path, root=root, on_error=on_error)
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     pairs_per_batch: int = 16  # P, per host
