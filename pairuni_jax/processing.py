@@ -134,10 +134,14 @@ class JanusProcessor:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def understanding_ids(self, question: str) -> list[int]:
-        """BOS + system + user turn with the image placeholder expanded + "<|Assistant|>:"."""
+        """BOS + system + user turn with the image placeholder expanded + "<|Assistant|>:".
+
+        An empty `system_prompt` drops the system turn and its separator, as the original does.
+        """
         user, assistant = SPECIAL_TOKENS["user"], SPECIAL_TOKENS["assistant"]
         marker = SPECIAL_TOKENS["image_placeholder"]
-        text = f"{self.system_prompt}\n\n{user}: {marker}\n{question}\n\n{assistant}:"
+        system = f"{self.system_prompt}\n\n" if self.system_prompt else ""  # as the original
+        text = f"{system}{user}: {marker}\n{question}\n\n{assistant}:"
         ids = [self.bos_id] + self._encode(text)
         if ids.count(self.image_placeholder_id) != 1:
             raise ValueError(f"the question must not contain {marker!r}: {question!r}")

@@ -46,6 +46,18 @@ def test_understanding_template_matches_the_original(processor):
     )
 
 
+def test_empty_system_prompt_drops_the_system_turn(processor):
+    import dataclasses
+
+    bare = dataclasses.replace(processor, system_prompt="")
+    ids = bare.understanding_ids("Q?")
+    start = ids.index(bare.image_start_id)
+    collapsed = ids[1:start] + [bare.image_placeholder_id] + ids[start + 6 :]
+    assert bare.decode(collapsed, skip_special_tokens=False) == (
+        "<|User|>: <image_placeholder>\nQ?\n\n<|Assistant|>:"
+    )
+
+
 def test_generation_and_unconditional_prompts(processor):
     ids = processor.generation_ids("a red circle")
     assert ids[0] == processor.bos_id and ids[-1] == processor.image_start_id
