@@ -173,3 +173,25 @@ def test_selection_keeps_medoids_only(tmp_path):
     assert {(r.generate_ann.image_path, r.understand_ann.image_path) for r in full.records} == {
         (f"g{i}.png", f"u{perm[i]}.png") for i in range(12)
     }
+
+
+def test_janus_extractor_matches_the_transformers_vision_tower(torch, tmp_path):
+    from janus_tiny import tiny_checkpoint
+
+    ckpt = tiny_checkpoint("gqa")
+    ex = features.make_extractor("janus", checkpoint=ckpt.path, batch_size=2)
+    size = ex.input_size
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(30, 20), (16, 16), (9, 40)]):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    ours = features.compute_features(paths, ex)
+    images = np.stack([features.letterbox_uint8(p, size) for p in paths])
+    pixels = torch.from_numpy((images / 255.0 - 0.5) / 0.5).float().permute(0, 3, 1, 2)
+    with torch.no_grad():
+        tokens = ckpt.model.model.vision_model(pixel_values=pixels).last_hidden_state
+    ref = torch.nn.functional.normalize(tokens.mean(1), dim=-1).numpy()
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, atol=1e-4)

@@ -66,23 +66,27 @@ def pixel_extractor(
 def janus_extractor(
     checkpoint: str, dtype: str = "float32", batch_size: int = 16
 ) -> FeatureExtractor:
-    """Mean-pooled SigLIP features (before the aligner) of a Janus checkpoint, L2-normalised."""
-    try:
-        from pairuni_jax import checkpoints
-        from pairuni_jax.models import janus
-    except ImportError as e:  # pragma: no cover - depends on the model port being installed
-        raise RuntimeError(f"the 'janus' extractor needs pairuni_jax.models.janus: {e}") from e
-    config, params = checkpoints.load_janus(checkpoint, dtype=dtype)
-    size = config.vision.image_size
+    """Mean-pooled SigLIP tower output (before the aligner) of a Janus checkpoint, L2-normalised.
+
+    Loads the checkpoint with `checkpoints.load_janus` and keeps only the vision tower's params.
+    """
+    from pairuni_jax.checkpoints import load_janus
+    from pairuni_jax.models.siglip import SigLIPVisionModel
+
+    config, params = load_janus(checkpoint, dtype=dtype)
+    tower = SigLIPVisionModel(config.vision, dtype=config.compute_dtype,
+                              param_dtype=config.params_dtype)
+    vision_params = params["vision_model"]
+    del params
 
     @jax.jit
     def fn(images):  # uint8 [B, S, S, 3]
         pixels = (images.astype(jnp.float32) / 255.0 - 0.5) / 0.5  # as preprocess_image
-        tokens = janus.vision_features(params, config, pixels)  # [B, N, 1024]
-        return l2_normalise(tokens.astype(jnp.float32).mean(axis=1))  # [B, 1024]
+        tokens = tower.apply({"params": vision_params}, pixels)  # [B, N, width]
+        return l2_normalise(tokens.astype(jnp.float32).mean(axis=1))  # [B, width]
 
     digest = hashlib.sha1(os.path.realpath(checkpoint).encode()).hexdigest()[:10]
-    return FeatureExtractor(f"janus-{digest}-{dtype}", size, fn, batch_size)
+    return FeatureExtractor(f"janus-{digest}-{dtype}", config.vision.image_size, fn, batch_size)
 
 
 EXTRACTORS: dict[str, Callable[..., FeatureExtractor]] = {
