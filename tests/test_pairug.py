@@ -123,6 +123,8 @@ def _bad_cases():
          "understand_ann.image_path", "corrupt_image"),
         ("truncated_image", pair_with("understand_ann.image_path", "img/truncated.png"),
          "understand_ann.image_path", "corrupt_image"),
+        ("image_is_a_directory", pair_with("understand_ann.image_path", "img/dir.png"),
+         "understand_ann.image_path", "unreadable_image"),
         ("escapes_root", pair_with("generate_ann.image_path", "../outside.png"),
          "generate_ann.image_path", "path_escapes_root"),
         ("absolute_path", pair_with("generate_ann.image_path", "/etc/passwd"),
@@ -144,6 +146,7 @@ def bad_images(root):
     data = (root / "img/full.png").read_bytes()
     (root / "img/truncated.png").write_bytes(data[: len(data) // 2])
     _image(str(root.parent / "outside.png"))
+    (root / "img/dir.png").mkdir()
     return root
 
 
@@ -161,6 +164,14 @@ def test_each_error_names_file_line_field(bad_images, case):
     assert len(res.records) == 2
     assert dict(res.skipped) == {reason: 1}
     assert [x.line for x in res.errors] == [2]
+
+
+def test_invalid_utf8_line(root):
+    path = root / "pairs.jsonl"
+    path.write_bytes(json.dumps(_good_pair()).encode() + b"\n" + b'{"similarity": "\xff"}\n')
+    res = pairug.read_pairug(str(path), on_error="skip")
+    assert len(res.records) == 1 and dict(res.skipped) == {"malformed_json": 1}
+    assert res.errors[0].line == 2 and "UTF-8" in str(res.errors[0])
 
 
 def test_understanding_and_generation_sets(root):

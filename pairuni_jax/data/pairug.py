@@ -245,7 +245,7 @@ def _image_problem(full: str) -> tuple[str, str] | None:
             im.load()
             if im.width < 1 or im.height < 1:
                 return "corrupt_image", "image has no pixels"
-    except PermissionError as e:
+    except (PermissionError, IsADirectoryError) as e:
         return "unreadable_image", str(e)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         return "corrupt_image", f"cannot decode: {e}"
@@ -353,14 +353,16 @@ def read_jsonl(
     parse = _PARSERS[kind]
     result = ReadResult([], collections.Counter(), [], collections.Counter(), path, root)
     image_cache: dict = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             checker = _Checker(path, line_no, root, check_images, image_cache)
             try:
                 try:
-                    obj = json.loads(line)
+                    obj = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    raise checker.error("record", "malformed_json", f"not UTF-8: {e}") from None
                 except json.JSONDecodeError as e:
                     raise checker.error("record", "malformed_json", str(e)) from None
                 result.records.append(parse(obj, checker, result.notes))
