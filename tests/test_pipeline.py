@@ -185,3 +185,12 @@ def test_tfds_builder_validates_its_input(tmp_path):
     builder = tfds_pairug.PairUG(data_dir=str(tmp_path / "tfds"), jsonl_path=str(bad))
     with pytest.raises(pairug.RecordError, match="bad.jsonl:1"):
         builder.download_and_prepare()
+
+
+def test_image_broken_after_validation_names_file_line_field(processor, tmp_path):
+    path = write_dataset(tmp_path, n=4)
+    src = pipeline.JsonlPairSource(path)
+    (tmp_path / src.record(2).understand_ann.image_path).write_bytes(b"garbage")
+    p = make(src, processor, num_epochs=1)
+    with pytest.raises(Exception, match=r"pairs.jsonl:3: field 'understand_ann.image_path'"):
+        list(p.iterator())

@@ -99,6 +99,7 @@ class ReadResult:
     notes: collections.Counter  # things applied by documented rules, e.g. "pair_type_inferred"
     path: str = ""
     root: str = ""
+    lines: list[int] = dataclasses.field(default_factory=list)  # line number of each record
 
     def summary(self) -> str:
         parts = [f"{len(self.records)} records from {self.path}"]
@@ -366,6 +367,7 @@ def read_jsonl(
                 except json.JSONDecodeError as e:
                     raise checker.error("record", "malformed_json", str(e)) from None
                 result.records.append(parse(obj, checker, result.notes))
+                result.lines.append(line_no)
             except RecordError as e:
                 if on_error == "raise":
                     raise

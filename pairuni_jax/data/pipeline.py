@@ -59,6 +59,8 @@ class PairSource(Protocol):
 
     def understanding_image(self, index: int) -> bytes: ...
 
+    def describe(self, index: int) -> str: ...  # where record `index` comes from, for errors
+
 
 class JsonlPairSource:
     """Pairs from a PairUG JSONL file; images read from the dataset root on demand."""
@@ -79,6 +81,9 @@ class JsonlPairSource:
         rel = self.records[index].understand_ann.image_path
         with open(pairug.resolve_image_path(rel, self.root), "rb") as f:
             return f.read()
+
+    def describe(self, index: int) -> str:
+        return f"{self.name}:{self.read.lines[index]}"
 
 
 def open_source(path: str, *, root: str | None = None, on_error: pairug.OnError = "raise"):
@@ -176,8 +181,15 @@ class PairPipeline:
         c, size, source = self.config, self.processor.image_size, self.source
 
         def load(index):  # runs in tf.data's thread pool; PIL releases the GIL while decoding
-            data = source.understanding_image(int(index))
-            return decode_letterboxed(data, size, fast=c.fast_resize)  # uint8 [S, S, 3]
+            try:
+                data = source.understanding_image(int(index))
+                return decode_letterboxed(data, size, fast=c.fast_resize)  # uint8 [S, S, 3]
+            except Exception as e:
+                rel = source.record(int(index)).understand_ann.image_path
+                raise ValueError(
+                    f"{source.describe(int(index))}: field 'understand_ann.image_path': "
+                    f"cannot load {rel}: {type(e).__name__}: {e}"
+                ) from e
 
         def map_fn(index):
             pixels = tf.numpy_function(load, [index], tf.uint8, stateful=False)

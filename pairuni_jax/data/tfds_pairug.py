@@ -120,3 +120,6 @@ class TfdsPairSource:
 
     def understanding_image(self, index: int) -> bytes:
         return bytes(self.data[index]["understand"]["image"])
+
+    def describe(self, index: int) -> str:
+        return f"{self.name} example {index}"
