@@ -29,13 +29,13 @@ TOL = 1e-4  # max abs error allowed on features (fp32)
 
 # -- references --------------------------------------------------------------------------------
 
-def tiny_hf_model(torch, act="gelu", eos_token_id=98, seed=0):
+def tiny_hf_model(torch, act="gelu", eos_token_id=98, seed=0, vocab_size=99):
     import transformers
 
     torch.manual_seed(seed)
     cfg = transformers.CLIPConfig(
         text_config=dict(
-            vocab_size=99, hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+            vocab_size=vocab_size, hidden_size=24, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=16, hidden_act=act,
             eos_token_id=eos_token_id, bos_token_id=97, pad_token_id=0,
         ),
@@ -86,13 +86,13 @@ def open_clip_module(torch):
             sys.modules.pop(name, None)
 
 
-def tiny_open_clip_model(torch, seed=0):
+def tiny_open_clip_model(torch, seed=0, vocab_size=99):
     oc = open_clip_module(torch)
     torch.manual_seed(seed)
     model = oc.CLIP(
         embed_dim=16,
         vision_cfg=dict(image_size=32, layers=2, width=32, head_width=8, patch_size=8),
-        text_cfg=dict(context_length=16, vocab_size=99, width=24, heads=4, layers=2),
+        text_cfg=dict(context_length=16, vocab_size=vocab_size, width=24, heads=4, layers=2),
     ).eval()
     with torch.no_grad():
         for p in model.parameters():
