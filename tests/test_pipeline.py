@@ -81,6 +81,9 @@ def test_batch_contents(source, processor):
         ("similarity", (P,), np.float32), ("und_ids", (P, lu), np.int32),
     ]:
         assert batch[key].shape == shape and batch[key].dtype == dtype, key
+    arrays, texts = pipeline.split_text(batch)
+    assert set(texts) == set(pipeline.TEXT_KEYS) and all(v.dtype == object for v in texts.values())
+    assert all(v.dtype != object for v in arrays.values())
     for row, index in enumerate(batch["index"]):
         rec = source.record(int(index))
         # pixels equal the processor's own preprocessing of the decoded file

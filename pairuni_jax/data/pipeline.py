@@ -1,8 +1,8 @@
 """The tf.data input pipeline: PairUG pairs -> batches of P pairs as dicts of numpy arrays.
 
     source (JSONL or TFDS) -> per-epoch permutation (seed, epoch) -> this host's shard
-      -> tf.data: decode + understanding preprocessing (JanusProcessor.preprocess_image), parallel,
-         order-preserving -> batch P -> prefetch
+      -> tf.data, parallel and order-preserving: decode + letterbox in PIL, scale to [-1, 1] in TF
+         (together exactly JanusProcessor.preprocess_image; tested) -> batch P -> prefetch
       -> tokenise with the chat templates, left-pad to length buckets -> batch dict
 
 Order is a pure function of (seed, epoch, process_index, process_count), so the position
@@ -11,6 +11,8 @@ an iterator made from a saved state yields the batches an uninterrupted one woul
 Multi-host: every epoch the global permutation is cut to a multiple of process_count * P and
 dealt round-robin, so hosts read disjoint shards with the same number of batches; the few pairs
 left over differ every epoch (`PairPipeline.dropped_per_epoch`).
+
+String-valued keys (object arrays) are host-side only: `split_text(batch)` separates them.
 
 Batch (P = pairs_per_batch, S = processor.image_size, Lu / Lg = bucketed lengths):
   index             int64   [P]        record index in the source
@@ -46,6 +48,16 @@ from PIL import Image
 
 from pairuni_jax.data import pairug
 from pairuni_jax.processing import PAD_COLOUR, pad_left, resized_size
+
+TEXT_KEYS = ("und_answer", "und_question", "und_tag", "gen_prompt", "gen_tag")
+
+
+def split_text(batch: dict) -> tuple[dict, dict]:
+    """(numeric arrays, ready for device_put / jit; host-side string arrays) of a batch."""
+    return (
+        {k: v for k, v in batch.items() if k not in TEXT_KEYS},
+        {k: v for k, v in batch.items() if k in TEXT_KEYS},
+    )
 
 
 class PairSource(Protocol):
