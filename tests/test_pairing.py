@@ -161,6 +161,10 @@ def test_selection_keeps_medoids_only(tmp_path):
     ex = features.pixel_extractor(grid=4, input_size=16)
     fu = features.compute_features([str(tmp_path / r.image_path) for r in und.records], ex)
     fg = features.compute_features([str(tmp_path / r.image_path) for r in gen.records], ex)
+    # a second question on an image already in the set is not a candidate: images are used once
+    dup = pairug.UnderstandingAnn(und.records[0].image_path, und.records[0].question, "B", "dup")
+    und.records.append(dup)
+    fu = np.concatenate([fu, fu[:1]])
     cfg = pairing.PairingConfig(threshold=0.0, clusters=6)
     res = pairing.build_pairs(und, gen, fu, fg, out_root=str(tmp_path), config=cfg)
     inputs = res.report["inputs"]
@@ -173,6 +177,8 @@ def test_selection_keeps_medoids_only(tmp_path):
     assert {(r.generate_ann.image_path, r.understand_ann.image_path) for r in full.records} == {
         (f"g{i}.png", f"u{perm[i]}.png") for i in range(12)
     }
+    assert all(r.understand_ann.tag != "dup" for r in full.records)
+    assert full.report["inputs"]["understanding_repeated_images"] == 1
 
 
 def test_janus_extractor_matches_the_transformers_vision_tower(torch, tmp_path):

@@ -8,8 +8,9 @@ Steps (PairUni §3, REFERENCE.md §2):
      `IVF` for large ones, chosen by size), the top-n U neighbours of each G image;
   4. matching: candidate edges with similarity >= threshold (default 0.6), taken greedily in
      descending similarity (ties: lower G index, then lower U index), each item used once;
-  5. aligned pairs from the augmentation output are added as they are; their images are not
-     reused by retrieval.
+  5. aligned pairs from the augmentation output are added as they are.
+Each image is used once: images of aligned pairs are not reused by retrieval, and when several
+records share an image (e.g. several questions on one picture) only the first is a candidate.
 Memory stays O((N_u + N_g) * (D + n)): queries run in blocks, never an N x N matrix.
 
 CLI:
@@ -227,8 +228,11 @@ def build_pairs(
             ))
     n_aligned = len(records)
 
-    u_keep = np.array([p not in used_images for p in und_abs], bool)
-    g_keep = np.array([p not in used_images for p in gen_abs], bool)
+    # each image is used once: only the first record of an image is a candidate, and images of
+    # aligned pairs are not reused
+    u_first, g_first = _first_of_each(und_abs), _first_of_each(gen_abs)
+    u_keep = np.array([p not in used_images for p in und_abs], bool) & u_first
+    g_keep = np.array([p not in used_images for p in gen_abs], bool) & g_first
     if config.clusters > 0:
         union = np.concatenate([und_features[u_keep], gen_features[g_keep]])
         chosen = kmeans_medoids(union, config.clusters, seed=config.seed)
@@ -258,6 +262,8 @@ def build_pairs(
     report["inputs"] = {
         "understanding": len(und.records), "generation": len(gen.records),
         "aligned_in": n_aligned,
+        "understanding_repeated_images": int((~u_first).sum()),
+        "generation_repeated_images": int((~g_first).sum()),
         "understanding_after_selection": int(len(u_idx)),
         "generation_after_selection": int(len(g_idx)),
         "skipped_on_read": {
@@ -267,6 +273,16 @@ def build_pairs(
     }
     report["config"] = dataclasses.asdict(config)
     return PairingResult(records, report)
+
+
+def _first_of_each(paths: Sequence[str]) -> np.ndarray:
+    """bool [N]: True where paths[i] appears for the first time."""
+    seen: set[str] = set()
+    out = np.zeros(len(paths), bool)
+    for i, p in enumerate(paths):
+        out[i] = p not in seen
+        seen.add(p)
+    return out
 
 
 def make_report(records: Sequence[pairug.PairRecord], bins: int = 20) -> dict:
