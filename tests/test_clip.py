@@ -259,6 +259,26 @@ def test_vit_h_14_shapes_match_open_clip(torch):
     assert clip.vit_h_14().vision_width // clip.vit_h_14().vision_heads == 80
 
 
+def test_vit_l_14_config_and_shapes_match_transformers(torch):
+    """openai/clip-vit-large-patch14's config values -> the vit_l_14 preset, same param count."""
+    import transformers
+
+    tower = dict(hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    hf = transformers.CLIPConfig(
+        text_config=dict(tower, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, max_position_embeddings=77, eos_token_id=2),
+        vision_config=dict(tower, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                           num_attention_heads=16, image_size=224, patch_size=14),
+        projection_dim=768,
+    )
+    cfg = clip_checkpoints.config_from_hf(hf.to_dict())
+    assert cfg == clip.vit_l_14(eos_id=None)  # eos id 2 -> argmax pooling, as transformers does
+    with torch.device("meta"):
+        n_ref = sum(p.numel() for p in transformers.CLIPModel(hf).parameters())
+    shapes = jax.eval_shape(lambda k: clip.init_params(cfg, k), jax.random.key(0))
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == n_ref == 427_616_513
+
+
 # -- preprocessing -------------------------------------------------------------------------------
 
 def _smooth_image(rng, h, w):

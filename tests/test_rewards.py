@@ -37,6 +37,9 @@ CHOICES = [
     ("Answer: D", "D"),
     ("The correct option is A because it is red.", "A"),
     ("<think>maybe C</think> B", "B"),  # the think block is not the answer
+    ("CHOICES: B", "B"),
+    ("Option (B) is correct", "B"),
+    ("<answer>b) yes</answer>", "B"),
     # no letter
     ("<answer>B</answer><answer>C</answer>", None),  # two answers
     ("<answer>B</answer> <answer>B</answer>", None),  # two answers, even if equal
@@ -51,6 +54,8 @@ CHOICES = [
     ("answer is B, no wait, the answer is C", None),  # two different letters
     ("<answer>B or C</answer>", None),
     ("<answer>BC</answer>", None),
+    ("<answer>A, B</answer>", None),
+    ("choices are red and blue", None),  # a plural keyword followed by a word
     ("<think>The answer is C</think>", None),  # only inside the think block
 ]
 

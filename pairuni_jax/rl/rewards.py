@@ -8,9 +8,9 @@ Understanding (host side, strings in, float32 arrays out). `extract_choice` read
    ("B", "b", " (B) ", "B.", "[b]", "**B**") -> that letter.
 3. Option echo: the span starts with a letter followed by ".", ")" or ":" and text
    ("B. red circle", "(b) yes") -> that letter.
-4. Phrase: "answer/option/choice (is) (:) X" anywhere in the span, with X an upper-case letter
-   or any letter in brackets ("The answer is B", "answer: (c)"), case-insensitive keyword; every
-   such phrase must name the same letter, else no letter.
+4. Phrase: "answer(s)/option(s)/choice(s) (is) (:) X" anywhere in the span, X an upper-case
+   letter or any letter in brackets ("The answer is B", "answer: (c)", "CHOICES: B"),
+   case-insensitive keyword; every such phrase must name the same letter, else no letter.
 5. Anything else (no letter, a letter inside a word like "Because", two different letters)
    -> no letter. Only letters among the question's options count when `num_options` is given.
 accuracy = 1 if the letter equals the reference answer (case-insensitive) else 0.
@@ -21,7 +21,7 @@ understanding reward = accuracy + format_weight * format.
 Generation: `build_generation_reward(spec, ...)` combines named image rewards with weights,
 `hpsv2` (open_clip ViT-H-14 + HPS v2.1 weights; score = cosine of the normalised image and text
 features, the diagonal of image @ text.T, no logit scale: exactly what HPSv2's `score` and
-T2I-R1's HPS reward return, about 0.2-0.35 for real images), `clip` (the same on any CLIP, e.g.
+T2I-R1's HPS reward return; typically 0.2-0.35 on real images), `clip` (the same on any CLIP, e.g.
 transformers' openai/clip-vit-large-patch14), and `shapes` (the Shapes world's rule-based checker:
 fraction of the prompt's constraints met). The CLIP scores run jitted on the accelerator (decode ->
 preprocess -> both towers -> dot, no host round trip) and shard the image batch over a mesh.
@@ -49,7 +49,7 @@ _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 _BARE = re.compile(r"^[\W_]*([A-Za-z])[\W_]*$")
 _ECHO = re.compile(r"^[\W_]*([A-Za-z])\s*[.):]\s+\S")
 _PHRASE = re.compile(
-    r"\b(?:answer|option|choice)(?:\s+is)?\s*[:\-]?\s*"
+    r"\b(?:answer|option|choice)s?\b(?:\s+is)?\s*[:\-]?\s*"
     r"(?:([A-Z])(?![A-Za-z])|[(\[]([A-Za-z])[)\]])",
     re.IGNORECASE,
 )
