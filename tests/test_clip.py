@@ -63,7 +63,8 @@ def open_clip_module(torch):
     spec = importlib.util.find_spec("open_clip")
     if spec is None:
         pytest.skip("open_clip_torch not installed (pip install --no-deps open_clip_torch==3.3.0)")
-    import transformers  # noqa: F401  (resolve its optional-package checks before the shim)
+    # resolve transformers' lazy imports and optional-package checks before the shim exists
+    from transformers import AutoConfig, AutoModel, AutoTokenizer  # noqa: F401
 
     shim = {}
     if importlib.util.find_spec("torchvision") is None:

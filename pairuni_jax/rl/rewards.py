@@ -39,8 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pairuni_jax import clip_processing
+from pairuni_jax import clip_checkpoints, clip_processing
 from pairuni_jax.models import clip
+from pairuni_jax.train import sharding
 
 # -- understanding -------------------------------------------------------------------------------
 
@@ -159,8 +160,6 @@ class ClipScore:
 
     def __post_init__(self):
         if self.mesh is not None:
-            from pairuni_jax.train import sharding
-
             rules = self.param_rules or ((r".*", "replicate"),)
             self.params = sharding.shard_params(self.params, rules, self.mesh)
         self._jitted = jax.jit(self._scores)
@@ -198,8 +197,6 @@ class ClipScore:
 
 def _batch_sharding(mesh: Mesh, n: int) -> NamedSharding:
     """Leading dim over ('data', 'fsdp') when it divides their size; else replicated."""
-    from pairuni_jax.train import sharding
-
     size = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
     return sharding.batch_sharding(mesh) if n % size == 0 else NamedSharding(mesh, PartitionSpec())
 
@@ -219,8 +216,6 @@ def hpsv2_score(
     """HPSv2: open_clip weights (`HPS_v2.1_compressed.pt`) on `config` (default ViT-H-14), with
     open_clip's tokenizer (`tokenizer`: bpe file or tokenizer dir; default: the installed
     open_clip_torch's)."""
-    from pairuni_jax import clip_checkpoints
-
     config = ARCHITECTURES[config]() if isinstance(config, str) else config
     config, params = clip_checkpoints.load_open_clip(checkpoint, config, dtype=dtype)
     tok = clip_processing.load_tokenizer(tokenizer)
@@ -236,8 +231,6 @@ def clip_score(
     param_rules: Sequence[tuple[str, Any]] | None = None,
 ) -> ClipScore:
     """CLIP score with a transformers CLIPModel directory (tokenizer: that directory by default)."""
-    from pairuni_jax import clip_checkpoints
-
     config, params = clip_checkpoints.load_hf_clip(path, dtype=dtype)
     tok = clip_processing.load_tokenizer(tokenizer or path)
     return ClipScore(config, params, tok, mesh=mesh, param_rules=param_rules)
@@ -277,14 +270,9 @@ class ShapesScore:
 def _shapes_score_image() -> Callable:
     """`score_image(pixels uint8 [H, W, 3], prompt) -> (fraction, strict)` of the Shapes world,
     imported on first use so the other rewards do not depend on the world module."""
-    from pairuni_jax.data import shapes
+    from pairuni_jax.data.shapes_checker import score_image
 
-    fn = getattr(shapes, "score_image", None)
-    if fn is None:  # the world keeps its checker in its own module
-        from pairuni_jax.data import shapes_checker
-
-        fn = shapes_checker.score_image
-    return fn
+    return score_image
 
 
 # -- the registry -------------------------------------------------------------------------------
