@@ -359,13 +359,18 @@ def _simple_tokenizer_cls():
     return module.SimpleTokenizer
 
 
-def test_tokenizer_matches_open_clip_on_its_real_vocab(torch):
+def test_tokenizer_matches_open_clip_on_its_real_vocab(torch, tmp_path):
     simple = _simple_tokenizer_cls()
     ref = simple()(TRICKY_TEXTS).numpy()
-    ours = clip_processing.tokenize(clip_processing.load_tokenizer(), TRICKY_TEXTS)
+    tok = clip_processing.load_tokenizer()
+    ours = clip_processing.tokenize(tok, TRICKY_TEXTS)
     assert ours.dtype == np.int32 and ours.shape == (len(TRICKY_TEXTS), 77)
     np.testing.assert_array_equal(ours, ref)
     assert ours[0, 0] == 49406 and 49407 in ours[0] and ours[6, -1] == 49407
+    # saved as a transformers tokenizer directory and loaded back: the same ids
+    tok.save_pretrained(tmp_path)
+    reloaded = clip_processing.tokenize(clip_processing.load_tokenizer(str(tmp_path)), TRICKY_TEXTS)
+    np.testing.assert_array_equal(reloaded, ref)
 
 
 def test_tokenizer_from_a_locally_built_vocab(torch, tmp_path):
