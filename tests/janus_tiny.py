@@ -2,8 +2,8 @@
 
 `tiny_checkpoint(kind)` -> TinyCheckpoint(torch model, transformers-format dir, our config/params):
   "gqa":   num_key_value_heads < num_attention_heads, a 2-level VQ, aligner depth 2;
-  "deep":  plain multi-head attention, a 3-level VQ with 2 ResBlocks per level (attention blocks at
-           the last encoder level, the first decoder level and both mids), aligner depth 3.
+  "deep":  plain multi-head attention, a 3-level VQ (attention blocks at the last encoder level,
+           the first decoder level and both mids), aligner depth 3.
 `write_original_format(src_dir, dst_dir, shards=...)` rewrites such a checkpoint under the original
 DeepSeek names (fused qkv, [1, N, D] pos_embed, unused attn_pool / codebook_used tensors) as
 pytorch_model.bin (or shards + pytorch_model.bin.index.json) with an original-style config.json.
@@ -47,7 +47,7 @@ def hf_config(kind: str):
     )
     vq = JanusVQVAEConfig(
         embed_dim=8, num_embeddings=96, latent_channels=32, base_channels=32,
-        channel_multiplier=[1, 2] if gqa else [1, 1, 2], num_res_blocks=1 if gqa else 2,
+        channel_multiplier=[1, 2] if gqa else [1, 1, 2], num_res_blocks=1,
         projection_dim=64, image_token_embed_dim=64, num_hidden_layers=2,
     )
     return JanusConfig(text_config=text, vision_config=vision, vq_config=vq,

@@ -1,7 +1,7 @@
 """Janus-Pro, the unified model, as pure functions of an explicit param pytree.
 
-Every function takes `(params, config, ...)`; `config` is a hashable JanusConfig (a static argument
-under jit). Nothing is jitted here: callers jit whole steps (rollout, update).
+Every function takes `(params, config, ...)`; `config` is a hashable JanusConfig. The functions are
+jitted with `config` static (called inside a caller's jitted step they are simply inlined).
 
     ids, mask                                   # [B, T] int32, [B, T] bool (left padding)
     feats = image_features(params, cfg, pixels)  # [B, N, D]: aligner(vision(pixels [B, S, S, 3]))
@@ -52,11 +52,13 @@ Paths mirror transformers' names (`model.language_model.layers.3.self_attn.q_pro
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pairuni_jax.models.configs import JanusConfig
 from pairuni_jax.models.llama import KVCache, LlamaModel
@@ -143,9 +145,35 @@ def _dummy_inputs(config: JanusConfig) -> tuple[jax.Array, ...]:
             jnp.zeros((1, q.image_size, q.image_size, q.in_channels), jnp.float32))
 
 
-def init_params(config: JanusConfig, rng: jax.Array) -> Params:
-    """Randomly initialised params (tests, the tiny worlds); real weights come from checkpoints."""
-    return jax.jit(lambda r: Janus(config).init(r, *_dummy_inputs(config))["params"])(rng)
+def init_params(config: JanusConfig, rng: jax.Array | int = 0) -> Params:
+    """Randomly initialised params (tests, the tiny worlds); real weights come from checkpoints.
+
+    Drawn leaf by leaf with numpy from the abstract param tree (no model compile): kernels
+    normal(0, 1/fan_in), norm scales 1, biases 0, embeddings normal(0, 1), the VQ codebook
+    uniform(-1/K, 1/K), position embeddings normal(0, 0.02). rng: a jax key or an int seed.
+    """
+    if not isinstance(rng, int):
+        rng = int(jax.random.randint(rng, (), 0, 2**31 - 1))
+    gen = np.random.default_rng(rng)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        shape, dtype = leaf.shape, leaf.dtype
+        if name == "scale":
+            x = np.ones(shape)
+        elif name == "bias":
+            x = np.zeros(shape)
+        elif name == "kernel":
+            x = gen.normal(0.0, 1.0 / np.sqrt(np.prod(shape[:-1])), shape)
+        elif name == "position_embedding":
+            x = gen.normal(0.0, 0.02, shape)
+        elif path[-2].key == "quantize":
+            x = gen.uniform(-1.0 / shape[0], 1.0 / shape[0], shape)
+        else:  # token / image-token embedding tables
+            x = gen.normal(0.0, 1.0, shape)
+        return jnp.asarray(x.astype(np.float32), dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, param_shapes(config))
 
 
 def param_shapes(config: JanusConfig) -> Params:
@@ -159,16 +187,19 @@ def init_cache(config: JanusConfig, batch: int, max_len: int, dtype=None) -> KVC
     return KVCache.init(config.text, batch, max_len, dtype or config.compute_dtype)
 
 
+@functools.partial(jax.jit, static_argnames="config")
 def image_features(params: Params, config: JanusConfig, pixels: jax.Array) -> jax.Array:
     """pixels [B, S, S, 3] in [-1, 1] -> aligned image features [B, N, D] (N = 576 for 384/16)."""
     return _apply(params, config, Janus.image_features, pixels)
 
 
+@functools.partial(jax.jit, static_argnames="config")
 def embed_tokens(params: Params, config: JanusConfig, ids: jax.Array) -> jax.Array:
     """Text token embeddings ids [B, T] -> [B, T, D]."""
     return _apply(params, config, Janus.embed_tokens, ids)
 
 
+@functools.partial(jax.jit, static_argnames="config")
 def embed_prompt(params: Params, config: JanusConfig, ids: jax.Array,
                  image_features: jax.Array | None = None,
                  image_mask: jax.Array | None = None) -> jax.Array:
@@ -188,6 +219,7 @@ def embed_prompt(params: Params, config: JanusConfig, ids: jax.Array,
     return jnp.where(image_mask[..., None], placed, x)
 
 
+@functools.partial(jax.jit, static_argnames="config")
 def forward(params: Params, config: JanusConfig, embeds: jax.Array, mask: jax.Array,
             cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
     """Run the LM on embeds [B, T, D] with key mask [B, T] -> (final-normed hidden, new cache).
@@ -199,27 +231,32 @@ def forward(params: Params, config: JanusConfig, embeds: jax.Array, mask: jax.Ar
     return _apply(params, config, Janus.forward, embeds, mask, cache)
 
 
+@functools.partial(jax.jit, static_argnames="config")
 def text_logits(params: Params, config: JanusConfig, hidden: jax.Array) -> jax.Array:
     """lm_head over final-normed hidden states [..., D] -> fp32 [..., V]."""
     return _apply(params, config, Janus.text_logits, hidden)
 
 
+@functools.partial(jax.jit, static_argnames="config")
 def image_logits(params: Params, config: JanusConfig, hidden: jax.Array) -> jax.Array:
     """gen_head over final-normed hidden states [..., D] -> fp32 [..., K]."""
     return _apply(params, config, Janus.image_logits, hidden)
 
 
+@functools.partial(jax.jit, static_argnames="config")
 def image_token_embeds(params: Params, config: JanusConfig, codes: jax.Array) -> jax.Array:
     """LM input embeddings of image tokens: gen_aligner(gen_embed(codes)) [...] -> [..., D]."""
     return _apply(params, config, Janus.image_token_embeds, codes)
 
 
+@functools.partial(jax.jit, static_argnames=("config", "normalize"))
 def vq_encode(params: Params, config: JanusConfig, pixels: jax.Array,
               normalize: bool = True) -> jax.Array:
     """pixels [B, H, W, 3] in [-1, 1] -> codes [B, h, w]; normalize=False = transformers' encode."""
     return _apply(params, config, Janus.vq_encode, pixels, normalize)
 
 
+@functools.partial(jax.jit, static_argnames="config")
 def vq_decode(params: Params, config: JanusConfig, codes: jax.Array) -> jax.Array:
     """codes [B, h, w] -> pixels [B, H, W, 3] in about [-1, 1] (clip before converting to uint8)."""
     return _apply(params, config, Janus.vq_decode, codes)

@@ -32,8 +32,8 @@ class KVCache:
     @classmethod
     def init(cls, config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
         shape = (batch, max_len, config.num_kv_heads, config.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-        return cls(k=zeros, v=zeros, mask=jnp.zeros((batch, max_len), bool),
+        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))  # noqa: E731
+        return cls(k=zeros(), v=zeros(), mask=jnp.zeros((batch, max_len), bool),
                    index=jnp.zeros((), jnp.int32))
 
     @property

@@ -1,0 +1,107 @@
+"""The Llama decoder's fixed-size KV cache: prefill + single-token steps == one full forward."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pairuni_jax.models import configs, janus
+from pairuni_jax.models.llama import KVCache, apply_rope, rope_cos_sin
+
+CONFIG = configs.tiny()
+
+
+@pytest.fixture(scope="module")
+def params():
+    return janus.init_params(CONFIG, 0)
+
+
+def _embeds(params, batch, length, seed=0):
+    ids = np.random.RandomState(seed).randint(0, CONFIG.text.vocab_size, size=(batch, length))
+    return janus.embed_tokens(params, CONFIG, jnp.asarray(ids))
+
+
+def _cached(params, x, mask, prefill, max_len):
+    """Prefill `prefill` tokens, then one token at a time -> hidden [B, T, D], final cache."""
+    cache = janus.init_cache(CONFIG, x.shape[0], max_len)
+    h, cache = janus.forward(params, CONFIG, x[:, :prefill], mask[:, :prefill], cache)
+    out = [h]
+    for t in range(prefill, x.shape[1]):
+        h, cache = janus.forward(params, CONFIG, x[:, t:t + 1], mask[:, t:t + 1], cache)
+        out.append(h)
+    return jnp.concatenate(out, axis=1), cache
+
+
+@pytest.mark.parametrize("prefill", [1, 5])
+def test_prefill_plus_steps_equals_full_forward(params, prefill):
+    x = _embeds(params, 2, 9)
+    mask = jnp.ones((2, 9), bool)
+    full, none = janus.forward(params, CONFIG, x, mask)
+    assert none is None
+    steps, cache = _cached(params, x, mask, prefill, max_len=16)
+    np.testing.assert_allclose(np.asarray(steps), np.asarray(full), atol=1e-5)
+    assert int(cache.index) == 9 and cache.max_len == 16
+    assert cache.k[0].shape == (2, 16, CONFIG.text.num_kv_heads, CONFIG.text.head_dim)
+    np.testing.assert_array_equal(np.asarray(cache.mask), np.arange(16)[None].repeat(2, 0) < 9)
+
+
+def test_left_padding_does_not_change_a_row(params):
+    """A row left-padded by 3 gives, at its real tokens, what it gives alone without padding."""
+    x = _embeds(params, 1, 6, seed=1)
+    alone, _ = janus.forward(params, CONFIG, x, jnp.ones((1, 6), bool))
+    pad = jnp.asarray(np.random.RandomState(2).normal(size=(1, 3, x.shape[-1])), x.dtype)
+    padded = jnp.concatenate([pad, x], axis=1)
+    mask = jnp.asarray([[False] * 3 + [True] * 6])
+    full, _ = janus.forward(params, CONFIG, padded, mask)
+    np.testing.assert_allclose(np.asarray(full[:, 3:]), np.asarray(alone), atol=1e-5)
+    steps, _ = _cached(params, padded, mask, prefill=4, max_len=12)
+    np.testing.assert_allclose(np.asarray(steps[:, 3:]), np.asarray(alone), atol=1e-5)
+
+
+def test_left_padded_batch_cached_equals_full(params):
+    x = _embeds(params, 3, 10, seed=3)
+    mask = jnp.asarray(np.arange(10)[None] >= np.array([[0], [2], [6]]))
+    full, _ = janus.forward(params, CONFIG, x, mask)
+    steps, _ = _cached(params, x, mask, prefill=7, max_len=10)  # cache exactly full at the end
+    m = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(steps)[m], np.asarray(full)[m], atol=1e-5)
+
+
+def test_repeat_rows_for_group_sampling(params):
+    x = _embeds(params, 2, 4, seed=4)
+    cache = janus.init_cache(CONFIG, 2, 8)
+    _, cache = janus.forward(params, CONFIG, x, jnp.ones((2, 4), bool), cache)
+    rep = cache.repeat_rows(3)
+    assert isinstance(rep, KVCache) and rep.k[1].shape[0] == 6 and int(rep.index) == 4
+    np.testing.assert_array_equal(np.asarray(rep.v[0][3:6]),
+                                  np.asarray(cache.v[0][1:2]).repeat(3, 0))
+    nxt = _embeds(params, 2, 1, seed=5)
+    h1, _ = janus.forward(params, CONFIG, nxt, jnp.ones((2, 1), bool), cache)
+    h2, _ = janus.forward(params, CONFIG, jnp.repeat(nxt, 3, 0), jnp.ones((6, 1), bool), rep)
+    np.testing.assert_allclose(np.asarray(h2[::3]), np.asarray(h1), atol=1e-6)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    d = CONFIG.text.head_dim
+    rng = np.random.RandomState(0)
+    q = jnp.asarray(rng.normal(size=(1, 1, 1, d)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(1, 1, 1, d)), jnp.float32)
+
+    def score(pq, pk):
+        cq, sq = rope_cos_sin(jnp.array([[pq]]), d, 10000.0, jnp.float32)
+        ck, sk = rope_cos_sin(jnp.array([[pk]]), d, 10000.0, jnp.float32)
+        return float(jnp.sum(apply_rope(q, cq, sq) * apply_rope(k, ck, sk)))
+
+    assert score(7, 3) == pytest.approx(score(104, 100), abs=1e-4)
+    assert score(7, 3) != pytest.approx(score(7, 5), abs=1e-3)
+
+
+def test_forward_is_jittable_with_donated_cache(params):
+    step = jax.jit(lambda p, x, m, c: janus.forward(p, CONFIG, x, m, c), donate_argnums=3)
+    cache = janus.init_cache(CONFIG, 2, 6)
+    x = _embeds(params, 2, 6, seed=6)
+    for t in range(6):
+        h, cache = step(params, x[:, t:t + 1], jnp.ones((2, 1), bool), cache)
+    full, _ = janus.forward(params, CONFIG, x, jnp.ones((2, 6), bool))
+    np.testing.assert_allclose(np.asarray(h[:, 0]), np.asarray(full[:, -1]), atol=1e-5)
+    assert step._cache_size() == 1  # one compilation for every decode step
