@@ -12,6 +12,7 @@ understates the code, and CPU seconds / cores bounds the wall time on idle cores
 
 from __future__ import annotations
 
+import resource
 import time
 
 import faiss
@@ -105,4 +106,8 @@ def run(args) -> list[Record]:
         records.append(Record(
             f"k-means medoids K={args.clusters} over {2 * args.n}", time.perf_counter() - t0,
             None, "s", note=f"{len(chosen)} medoids; {time.process_time() - c0:.0f} cpu-s"))
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    inputs_gb = (und.nbytes + gen.nbytes) / 2**30
+    records.append(Record("peak RSS", peak_gb, inputs_gb, "GiB",
+                          note="reference column: the two feature matrices themselves"))
     return records
