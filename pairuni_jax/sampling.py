@@ -39,6 +39,7 @@ class Sampling:
 
 
 GREEDY = Sampling(greedy=True)
+DEFAULT = Sampling()  # temperature 1, no filtering
 
 
 def guide(cond: jax.Array, uncond: jax.Array, weight: float | jax.Array) -> jax.Array:
