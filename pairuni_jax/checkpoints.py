@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
@@ -287,7 +288,7 @@ def _check(expected: dict[str, tuple[Path, tuple[int, ...]]], entries: dict[str,
         if e.shape != shape:
             problems.append(f"  shape       {name} ({e.source}): expected {list(shape)}, "
                             f"got {list(e.shape)}")
-        if not np.issubdtype(e.dtype, np.floating):
+        if not jnp.issubdtype(e.dtype, jnp.floating):  # numpy's check misses bfloat16
             problems.append(f"  dtype       {name} ({e.source}): expected a floating dtype, "
                             f"got {e.dtype}")
     if problems:

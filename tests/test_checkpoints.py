@@ -61,6 +61,14 @@ def test_bf16_storage_casts_on_the_way(gqa):
         np.testing.assert_allclose(x.astype(np.float32), ref[name], rtol=1e-2, atol=1e-2)
 
 
+def test_bf16_files_round_trip(gqa, tmp_path):
+    config, params = load_janus(gqa.path, dtype="bfloat16")
+    save_hf(config, params, str(tmp_path))
+    config2, params2 = load_janus(str(tmp_path), dtype="bfloat16")
+    assert config2 == config
+    _assert_same_params(params2, params)
+
+
 def _broken_copy(gqa, tmp_path):
     """A copy of the tiny checkpoint with one tensor missing, one extra, one reshaped, one int."""
     from safetensors.numpy import load_file, save_file
@@ -163,3 +171,51 @@ def test_name_mapping_round_trips_for_the_real_geometry():
     assert o2h("language_model.lm_head.weight") == "lm_head.weight"
     assert o2h("vision_model.vision_tower.attn_pool.q.weight") is None
     assert o2h("gen_vision_model.quantize.codebook_used") is None
+
+
+ORIGINAL_1B_CONFIG = {  # the shape of deepseek-ai/Janus-Pro-1B's config.json
+    "aligner_config": {"cls": "MlpProjector", "model_type": "aligner", "params": {
+        "depth": 2, "input_dim": 1024, "n_embed": 2048, "projector_type": "mlp_gelu"}},
+    "gen_aligner_config": {"cls": "MlpProjector", "model_type": "gen_aligner", "params": {
+        "depth": 2, "input_dim": 8, "n_embed": 2048, "projector_type": "mlp_gelu"}},
+    "gen_head_config": {"cls": "vision_head", "model_type": "gen_head", "params": {
+        "image_token_embed": 2048, "image_token_size": 16384, "n_embed": 2048}},
+    "gen_vision_config": {"cls": "VQ-16", "model_type": "gen_vision", "params": {
+        "image_token_size": 16384, "n_embed": 8}},
+    "language_config": {"hidden_size": 2048, "intermediate_size": 5632,
+                        "max_position_embeddings": 16384, "model_type": "llama",
+                        "num_attention_heads": 16, "num_hidden_layers": 24,
+                        "num_key_value_heads": 16, "torch_dtype": "bfloat16",
+                        "vocab_size": 102400},
+    "model_type": "multi_modality",
+    "vision_config": {"cls": "CLIPVisionTower", "model_type": "vision", "params": {
+        "image_size": 384, "model_name": "siglip_large_patch16_384", "select_feature": "same",
+        "select_layer": -1}},
+}
+
+
+def test_config_readers_give_the_released_geometries(torch):
+    from transformers import JanusConfig, LlamaConfig
+
+    assert configs.from_hf_config(ORIGINAL_1B_CONFIG) == configs.janus_pro_1b()
+    seven = json.loads(json.dumps(ORIGINAL_1B_CONFIG))
+    seven["language_config"].update(hidden_size=4096, intermediate_size=11008,
+                                    num_attention_heads=32, num_hidden_layers=30,
+                                    num_key_value_heads=32)
+    for key in ("aligner_config", "gen_aligner_config"):
+        seven[key]["params"]["n_embed"] = 4096
+    seven["gen_head_config"]["params"].update(image_token_embed=4096, n_embed=4096)
+    assert configs.from_hf_config(seven) == configs.janus_pro_7b()
+
+    text = LlamaConfig(vocab_size=102400, hidden_size=2048, intermediate_size=5632,
+                       num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+                       max_position_embeddings=16384)
+    hf = JanusConfig(text_config=text).to_dict()  # transformers' defaults are the 1B towers
+    assert configs.from_hf_config(hf) == configs.janus_pro_1b()
+    assert configs.from_hf_config(hf, dtype="bfloat16").compute_dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match="neither 'text_config'"):
+        configs.from_hf_config({"model_type": "llama"})
+    bad = json.loads(json.dumps(ORIGINAL_1B_CONFIG))
+    bad["vision_config"]["params"]["model_name"] = "siglip_so400m"
+    with pytest.raises(ValueError, match="model_name 'siglip_so400m' is unknown"):
+        configs.from_hf_config(bad)
