@@ -197,3 +197,21 @@ def test_image_broken_after_validation_names_file_line_field(processor, tmp_path
     p = make(src, processor, num_epochs=1)
     with pytest.raises(Exception, match=r"pairs.jsonl:3: field 'understand_ann.image_path'"):
         list(p.iterator())
+
+
+def test_fast_resize_is_close_to_exact(tmp_path):
+    import io
+
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, size=(60, 80, 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize((1600, 1200), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=90)
+    exact = pipeline.decode_letterboxed(buf.getvalue(), 384).astype(np.float32)
+    fast = pipeline.decode_letterboxed(buf.getvalue(), 384, fast=True).astype(np.float32)
+    assert exact.shape == fast.shape == (384, 384, 3)
+    assert 0 < np.abs(exact - fast).mean() < 2.0  # under 2 of 255 levels on average
+    png = io.BytesIO()
+    Image.fromarray(small).save(png, "PNG")  # nothing to gain below the target size: identical
+    assert np.array_equal(pipeline.decode_letterboxed(png.getvalue(), 384),
+                          pipeline.decode_letterboxed(png.getvalue(), 384, fast=True))
