@@ -165,6 +165,10 @@ def test_checker_reads_objects_back():
     np.testing.assert_allclose(dets[0].centroid, (0.25, 0.25), atol=1.0 / 32)
     np.testing.assert_allclose(dets[1].centroid, (0.5, 0.75 + 0.35 / 6), atol=1.0 / 32)
     assert detect(render(())) == []
+    # Touching objects of different colours are one foreground component, split by colour.
+    touching = (_obj("square", "red", 0.35, 0.5), _obj("square", "blue", 0.65, 0.5))
+    dets = sorted(detect(render(touching)), key=lambda d: d.centroid)
+    assert [(d.shape, d.color) for d in dets] == [("square", "red"), ("square", "blue")]
 
 
 def test_checker_scores_partial_and_wrong_images():

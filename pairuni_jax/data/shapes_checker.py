@@ -2,9 +2,9 @@
 
 Detection: a pixel is an object pixel when it is saturated and bright enough; its colour is the
 palette colour of nearest hue (a blurred edge against the grey background keeps its hue, so hue
-is robust to VQ reconstructions). Each colour's mask is split into 4-connected components; tiny
-components are noise; a component's shape is the template (circle, square, triangle drawn in the
-component's bounding box) with the highest IoU; its position is its centroid.
+is robust to VQ reconstructions). Object pixels form 4-connected components with a majority
+colour; tiny components are noise; a component's shape is the template (circle, square, triangle
+drawn in the component's bounding box) with the highest IoU; its position is its centroid.
 
 Scoring follows GenEval: every prompt becomes a list of constraints (an object is present, has the
 asked colour, the asked count is met exactly, the relation holds); the reward is the fraction met,
@@ -101,29 +101,49 @@ def min_object_pixels(cfg: WorldConfig) -> float:
     return 0.5 * side * side / 3.0
 
 
+def _components(mask: np.ndarray, min_px: float):
+    """(slice, cropped mask) of each 4-connected component of `mask` with at least min_px pixels."""
+    labels, _ = ndimage.label(mask, _FOUR_CONNECTED)
+    for i, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is not None:
+            comp = labels[sl] == i  # [bh, bw]
+            if comp.sum() >= min_px:
+                yield sl, comp
+
+
 def detect(pixels: np.ndarray, cfg: WorldConfig = DEFAULT_WORLD) -> list[Detection]:
-    """Objects in an image (uint8 [H, W, 3]), in scan order."""
+    """Objects in an image (uint8 [H, W, 3]).
+
+    Components are taken over all object pixels first and get their majority colour, so a hue
+    drift inside one object (a reconstruction artefact) does not split it; a component in which
+    two colours each cover an object's worth of pixels (touching objects) is split by colour.
+    """
     if pixels.ndim != 3 or pixels.shape[-1] != 3:
         raise ValueError(f"expected pixels [H, W, 3], got shape {pixels.shape}")
     h, w = pixels.shape[:2]
-    labels_by_color = color_map(pixels, cfg.colors)
+    colors = color_map(pixels, cfg.colors)  # [H, W], -1 = background
     min_px = min_object_pixels(cfg) * (h * w) / cfg.image_size**2
+    parts = []  # (slice, cropped mask, colour index)
+    for sl, comp in _components(colors >= 0, min_px):
+        counts = np.bincount(colors[sl][comp], minlength=len(cfg.colors))
+        big = np.flatnonzero(counts >= min_px)
+        if len(big) <= 1:
+            parts.append((sl, comp, int(counts.argmax())))
+            continue
+        for k in big:
+            for sub_sl, sub in _components(comp & (colors[sl] == k), min_px):
+                offset = tuple(slice(a.start + b.start, a.start + b.stop)
+                               for a, b in zip(sl, sub_sl, strict=True))
+                parts.append((offset, sub, int(k)))
     found = []
-    for k, color in enumerate(cfg.colors):
-        labels, _ = ndimage.label(labels_by_color == k, _FOUR_CONNECTED)
-        for i, sl in enumerate(ndimage.find_objects(labels), start=1):
-            if sl is None:
-                continue
-            comp = labels[sl] == i  # [bh, bw]
-            area = int(comp.sum())
-            if area < min_px:
-                continue
-            shape, fit = classify_shape(comp)
-            ys, xs = np.nonzero(comp)
-            cy = (sl[0].start + ys.mean() + 0.5) / h
-            cx = (sl[1].start + xs.mean() + 0.5) / w
-            size = (comp.shape[1] / w, comp.shape[0] / h)
-            found.append(Detection(shape, color, (float(cx), float(cy)), size, area, fit))
+    for sl, comp, k in parts:
+        shape, fit = classify_shape(comp)
+        ys, xs = np.nonzero(comp)
+        cy = (sl[0].start + ys.mean() + 0.5) / h
+        cx = (sl[1].start + xs.mean() + 0.5) / w
+        size = (comp.shape[1] / w, comp.shape[0] / h)
+        found.append(Detection(shape, cfg.colors[k], (float(cx), float(cy)), size,
+                               int(comp.sum()), fit))
     return found
 
 
