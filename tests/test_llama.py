@@ -105,3 +105,17 @@ def test_forward_is_jittable_with_donated_cache(params):
     full, _ = janus.forward(params, CONFIG, x, jnp.ones((2, 6), bool))
     np.testing.assert_allclose(np.asarray(h[:, 0]), np.asarray(full[:, -1]), atol=1e-5)
     assert step._cache_size() == 1  # one compilation for every decode step
+
+
+def test_bf16_params_and_compute_stay_close_to_fp32(params):
+    cfg16 = CONFIG.replace(dtype="bfloat16", param_dtype="bfloat16")
+    p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    x = _embeds(params, 2, 6, seed=7)
+    mask = jnp.ones((2, 6), bool)
+    h32, _ = janus.forward(params, CONFIG, x, mask)
+    cache = janus.init_cache(cfg16, 2, 6)
+    assert cache.k[0].dtype == jnp.bfloat16
+    h16, cache = janus.forward(p16, cfg16, x.astype(jnp.bfloat16), mask, cache)
+    assert h16.dtype == jnp.bfloat16
+    err = np.abs(np.asarray(h16, np.float32) - np.asarray(h32)).max()
+    assert err < 0.05 * np.abs(np.asarray(h32)).max()

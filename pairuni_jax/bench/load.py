@@ -3,7 +3,8 @@ load`).
 
 Writes a randomly initialised Janus-Pro-1B-shaped checkpoint in transformers format (safetensors,
 bf16 by default) to a temporary directory, loads it in a fresh subprocess and reports
-(peak RSS - RSS before loading) / bytes of the loaded params. Goal: <= 1.3 (streaming, one tensor
+(peak RSS - peak RSS before loading) / bytes of the loaded params (peak RSS = VmHWM, falling back
+to getrusage's ru_maxrss where /proc is missing). Goal: <= 1.3 (streaming, one tensor
 at a time). `--reference` also measures transformers' JanusForConditionalGeneration.from_pretrained
 on the same files (needs torch) for comparison.
 """
@@ -29,6 +30,14 @@ from pairuni_jax.models import configs, janus
 _PROBE = r"""
 import json, resource, sys
 def rss_kb():
+    # Peak RSS of this process image. ru_maxrss would also count the parent's peak (Linux folds
+    # the pre-exec high-water mark into it), so prefer the kernel's VmHWM of the new image.
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 path, dtype, which = sys.argv[1], sys.argv[2], sys.argv[3]
 if which == "ours":
