@@ -91,6 +91,9 @@ def test_pixel_features_and_cache(tmp_path):
     os.utime(paths[0], ns=(1, 10**18))
     g = features.compute_features(paths, ex, cache_dir=cache)
     assert g[0] @ f[1] > 0.99 and np.array_equal(g[1:], f[1:])
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="bad.png: cannot load image"):
+        features.compute_features([str(tmp_path / "bad.png")], ex)
 
 
 def _colour_set(root, n, seed):

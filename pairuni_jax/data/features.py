@@ -142,8 +142,14 @@ class FeatureCache:
 def _decode_ahead(batches, paths, size, num_threads):
     """Yield (batch, uint8 [b, S, S, 3]) in order, decoding <= 2 x num_threads batches ahead."""
 
+    def load(path):
+        try:
+            return letterbox_uint8(path, size)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot load image: {type(e).__name__}: {e}") from e
+
     def decode(batch):
-        return np.stack([letterbox_uint8(paths[i], size) for i in batch])
+        return np.stack([load(paths[i]) for i in batch])
 
     with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
         window = collections.deque()
