@@ -25,6 +25,8 @@ from pairuni_jax import clip_checkpoints, clip_processing
 from pairuni_jax.models import clip
 
 TOL = 1e-4  # max abs error allowed on features (fp32)
+# our config of `tiny_hf_model`'s towers (MLP 2x), for its weights under open_clip names
+HF_TINY_AS_OPEN_CLIP = clip.tiny(vocab_size=99, vision_mlp_dim=64, text_mlp_dim=48)
 
 
 # -- references --------------------------------------------------------------------------------
@@ -187,6 +189,62 @@ def test_features_match_open_clip(torch, tmp_path):
     assert np.abs(np.asarray(ours) - ref_scores).max() < 1e-5
 
 
+def open_clip_names(torch, hf_state: dict) -> dict:
+    """transformers CLIPModel weights renamed to open_clip's CLIP names (fused in_proj, [W, E]
+    projections): the layout of HPSv2's checkpoint, without needing open_clip installed."""
+    block_names = (
+        ("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
+        ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"),
+    )
+    out = {}
+    for src, dst in (("vision_model.", "visual.transformer."), ("text_model.", "transformer.")):
+        layer = 0
+        while f"{src}encoder.layers.{layer}.layer_norm1.weight" in hf_state:
+            a, b = f"{src}encoder.layers.{layer}.", f"{dst}resblocks.{layer}."
+            for kind in ("weight", "bias"):
+                out[b + f"attn.in_proj_{kind}"] = torch.cat(
+                    [hf_state[a + f"self_attn.{n}_proj.{kind}"] for n in "qkv"]
+                )
+                for ours, theirs in block_names:
+                    out[b + f"{ours}.{kind}"] = hf_state[a + f"{theirs}.{kind}"]
+            layer += 1
+    v, t = "vision_model.", "text_model."
+    out.update({
+        "visual.conv1.weight": hf_state[v + "embeddings.patch_embedding.weight"],
+        "visual.class_embedding": hf_state[v + "embeddings.class_embedding"],
+        "visual.positional_embedding": hf_state[v + "embeddings.position_embedding.weight"],
+        "visual.proj": hf_state["visual_projection.weight"].T.contiguous(),
+        "token_embedding.weight": hf_state[t + "embeddings.token_embedding.weight"],
+        "positional_embedding": hf_state[t + "embeddings.position_embedding.weight"],
+        "text_projection": hf_state["text_projection.weight"].T.contiguous(),
+        "logit_scale": hf_state["logit_scale"],
+    })
+    norms = (("visual.ln_pre", v + "pre_layrnorm"), ("visual.ln_post", v + "post_layernorm"),
+             ("ln_final", t + "final_layer_norm"))
+    for ours, theirs in norms:
+        for kind in ("weight", "bias"):
+            out[f"{ours}.{kind}"] = hf_state[f"{theirs}.{kind}"]
+    return out
+
+
+def test_open_clip_loader_on_renamed_transformers_weights(torch, tmp_path):
+    """The open_clip loader without open_clip: transformers' tiny weights under open_clip names,
+    saved as HPSv2 does; features must equal transformers' (argmax pooling: eot is the max id)."""
+    model = tiny_hf_model(torch, eos_token_id=98)
+    path = tmp_path / "renamed.pt"
+    torch.save({"state_dict": open_clip_names(torch, model.state_dict())}, path)
+    config, params = clip_checkpoints.load_open_clip(str(path), HF_TINY_AS_OPEN_CLIP)
+    rng = np.random.default_rng(4)
+    pixels = torch.from_numpy(rng.standard_normal((2, 3, 32, 32)).astype(np.float32))
+    ids = random_ids(rng)
+    with torch.no_grad():
+        ref_img = model.get_image_features(pixel_values=pixels).pooler_output.numpy()
+        ref_txt = model.get_text_features(input_ids=torch.from_numpy(ids)).pooler_output.numpy()
+    img, txt = encode(config, params, to_nhwc(pixels), ids)
+    assert np.abs(img - ref_img).max() < TOL
+    assert np.abs(txt - ref_txt).max() < TOL
+
+
 def test_bf16_compute_stays_close(torch, tmp_path):
     model = tiny_open_clip_model(torch, seed=3)
     path = tmp_path / "m.pt"
@@ -207,14 +265,14 @@ def test_bf16_compute_stays_close(torch, tmp_path):
 # -- loader errors -------------------------------------------------------------------------------
 
 def test_open_clip_loader_lists_every_problem(torch, tmp_path):
-    sd = tiny_open_clip_model(torch).state_dict()
+    sd = open_clip_names(torch, tiny_hf_model(torch).state_dict())
     del sd["visual.ln_post.bias"]
     sd["visual.proj"] = torch.zeros(32, 15)
     sd["extra.weight"] = torch.zeros(1)
     path = tmp_path / "broken.pt"
     torch.save(sd, path)
     with pytest.raises(clip_checkpoints.CheckpointError) as e:
-        clip_checkpoints.load_open_clip(str(path), clip.tiny(vocab_size=99))
+        clip_checkpoints.load_open_clip(str(path), HF_TINY_AS_OPEN_CLIP)
     msg = str(e.value)
     assert str(path) in msg and "3 problems" in msg
     assert "missing tensor visual.ln_post.bias" in msg
@@ -224,7 +282,7 @@ def test_open_clip_loader_lists_every_problem(torch, tmp_path):
 
 def test_wrong_architecture_is_an_error_not_a_partial_load(torch, tmp_path):
     path = tmp_path / "tiny.pt"
-    torch.save(tiny_open_clip_model(torch).state_dict(), path)
+    torch.save(open_clip_names(torch, tiny_hf_model(torch).state_dict()), path)
     with pytest.raises(clip_checkpoints.CheckpointError, match="problems"):
         clip_checkpoints.load_open_clip(str(path))  # default config: ViT-H-14
     with pytest.raises(FileNotFoundError, match="xswu/HPSv2"):
