@@ -32,47 +32,50 @@ def _cached(params, x, mask, prefill, max_len):
     return jnp.concatenate(out, axis=1), cache
 
 
-@pytest.mark.parametrize("prefill", [1, 5])
-def test_prefill_plus_steps_equals_full_forward(params, prefill):
-    x = _embeds(params, 2, 9)
-    mask = jnp.ones((2, 9), bool)
+# Every test uses batch 2, length 8, a cache of 8 slots and a prefill of 5, so the jitted forward
+# compiles three times in total (full, prefill, single step).
+B, T, PREFILL = 2, 8, 5
+
+
+def test_prefill_plus_steps_equals_full_forward(params):
+    x = _embeds(params, B, T)
+    mask = jnp.ones((B, T), bool)
     full, none = janus.forward(params, CONFIG, x, mask)
     assert none is None
-    steps, cache = _cached(params, x, mask, prefill, max_len=16)
+    steps, cache = _cached(params, x, mask, PREFILL, max_len=T)
     np.testing.assert_allclose(np.asarray(steps), np.asarray(full), atol=1e-5)
-    assert int(cache.index) == 9 and cache.max_len == 16
-    assert cache.k[0].shape == (2, 16, CONFIG.text.num_kv_heads, CONFIG.text.head_dim)
-    np.testing.assert_array_equal(np.asarray(cache.mask), np.arange(16)[None].repeat(2, 0) < 9)
+    assert int(cache.index) == T and cache.max_len == T
+    assert cache.k[0].shape == (B, T, CONFIG.text.num_kv_heads, CONFIG.text.head_dim)
+    assert bool(cache.mask.all())
 
 
 def test_left_padding_does_not_change_a_row(params):
-    """A row left-padded by 3 gives, at its real tokens, what it gives alone without padding."""
-    x = _embeds(params, 1, 6, seed=1)
-    alone, _ = janus.forward(params, CONFIG, x, jnp.ones((1, 6), bool))
-    pad = jnp.asarray(np.random.RandomState(2).normal(size=(1, 3, x.shape[-1])), x.dtype)
-    padded = jnp.concatenate([pad, x], axis=1)
-    mask = jnp.asarray([[False] * 3 + [True] * 6])
-    full, _ = janus.forward(params, CONFIG, padded, mask)
-    np.testing.assert_allclose(np.asarray(full[:, 3:]), np.asarray(alone), atol=1e-5)
-    steps, _ = _cached(params, padded, mask, prefill=4, max_len=12)
-    np.testing.assert_allclose(np.asarray(steps[:, 3:]), np.asarray(alone), atol=1e-5)
+    """Row 0 = 3 pads + the first 5 tokens of row 1: its real tokens give row 1's first 5 states."""
+    row = _embeds(params, 1, T, seed=1)
+    pad = jnp.asarray(np.random.RandomState(2).normal(size=(1, 3, row.shape[-1])), row.dtype)
+    x = jnp.concatenate([jnp.concatenate([pad, row[:, :5]], axis=1), row], axis=0)
+    mask = jnp.asarray([[False] * 3 + [True] * 5, [True] * T])
+    full, _ = janus.forward(params, CONFIG, x, mask)
+    np.testing.assert_allclose(np.asarray(full[0, 3:]), np.asarray(full[1, :5]), atol=1e-5)
+    steps, _ = _cached(params, x, mask, PREFILL, max_len=T)
+    np.testing.assert_allclose(np.asarray(steps[0, 3:]), np.asarray(full[1, :5]), atol=1e-5)
 
 
 def test_left_padded_batch_cached_equals_full(params):
-    x = _embeds(params, 3, 10, seed=3)
-    mask = jnp.asarray(np.arange(10)[None] >= np.array([[0], [2], [6]]))
+    x = _embeds(params, B, T, seed=3)
+    mask = jnp.asarray(np.arange(T)[None] >= np.array([[2], [6]]))  # pads end inside the prefill
     full, _ = janus.forward(params, CONFIG, x, mask)
-    steps, _ = _cached(params, x, mask, prefill=7, max_len=10)  # cache exactly full at the end
+    steps, _ = _cached(params, x, mask, PREFILL, max_len=T)
     m = np.asarray(mask)
     np.testing.assert_allclose(np.asarray(steps)[m], np.asarray(full)[m], atol=1e-5)
 
 
 def test_repeat_rows_for_group_sampling(params):
-    x = _embeds(params, 2, 4, seed=4)
-    cache = janus.init_cache(CONFIG, 2, 8)
-    _, cache = janus.forward(params, CONFIG, x, jnp.ones((2, 4), bool), cache)
+    x = _embeds(params, B, PREFILL, seed=4)
+    cache = janus.init_cache(CONFIG, B, T)
+    _, cache = janus.forward(params, CONFIG, x, jnp.ones((B, PREFILL), bool), cache)
     rep = cache.repeat_rows(3)
-    assert isinstance(rep, KVCache) and rep.k[1].shape[0] == 6 and int(rep.index) == 4
+    assert isinstance(rep, KVCache) and rep.k[1].shape[0] == 6 and int(rep.index) == PREFILL
     np.testing.assert_array_equal(np.asarray(rep.v[0][3:6]),
                                   np.asarray(cache.v[0][1:2]).repeat(3, 0))
     nxt = _embeds(params, 2, 1, seed=5)
@@ -98,11 +101,11 @@ def test_rope_scores_depend_only_on_relative_position():
 
 def test_forward_is_jittable_with_donated_cache(params):
     step = jax.jit(lambda p, x, m, c: janus.forward(p, CONFIG, x, m, c), donate_argnums=3)
-    cache = janus.init_cache(CONFIG, 2, 6)
-    x = _embeds(params, 2, 6, seed=6)
-    for t in range(6):
-        h, cache = step(params, x[:, t:t + 1], jnp.ones((2, 1), bool), cache)
-    full, _ = janus.forward(params, CONFIG, x, jnp.ones((2, 6), bool))
+    cache = janus.init_cache(CONFIG, B, T)
+    x = _embeds(params, B, T, seed=6)
+    for t in range(T):
+        h, cache = step(params, x[:, t:t + 1], jnp.ones((B, 1), bool), cache)
+    full, _ = janus.forward(params, CONFIG, x, jnp.ones((B, T), bool))
     np.testing.assert_allclose(np.asarray(h[:, 0]), np.asarray(full[:, -1]), atol=1e-5)
     assert step._cache_size() == 1  # one compilation for every decode step
 
@@ -110,10 +113,10 @@ def test_forward_is_jittable_with_donated_cache(params):
 def test_bf16_params_and_compute_stay_close_to_fp32(params):
     cfg16 = CONFIG.replace(dtype="bfloat16", param_dtype="bfloat16")
     p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-    x = _embeds(params, 2, 6, seed=7)
-    mask = jnp.ones((2, 6), bool)
+    x = _embeds(params, B, T, seed=7)
+    mask = jnp.ones((B, T), bool)
     h32, _ = janus.forward(params, CONFIG, x, mask)
-    cache = janus.init_cache(cfg16, 2, 6)
+    cache = janus.init_cache(cfg16, B, T)
     assert cache.k[0].dtype == jnp.bfloat16
     h16, cache = janus.forward(p16, cfg16, x.astype(jnp.bfloat16), mask, cache)
     assert h16.dtype == jnp.bfloat16

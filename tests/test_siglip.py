@@ -51,8 +51,9 @@ def _reference(p, pixels):
     return _ln(x, p["post_layernorm"])
 
 
-def _randomise(params, seed):
-    leaves, tree = jax.tree.flatten(params)
+def _random_params(module, x, seed):
+    """Random O(1) params drawn with numpy from the abstract tree (nothing to compile)."""
+    leaves, tree = jax.tree.flatten(jax.eval_shape(module.init, jax.random.key(0), x)["params"])
     rng = np.random.RandomState(seed)
     return jax.tree.unflatten(tree, [rng.normal(0, 0.3, x.shape).astype(np.float32) + (
         1.0 if x.ndim == 1 else 0.0) for x in leaves])
@@ -61,7 +62,7 @@ def _randomise(params, seed):
 def test_tower_matches_numpy_reference():
     model = SigLIPVisionModel(CFG)
     pixels = np.random.RandomState(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
-    params = _randomise(model.init(jax.random.key(0), pixels)["params"], 1)
+    params = _random_params(model, pixels, 1)
     ours = jax.jit(model.apply)({"params": params}, pixels)
     ref = _reference(jax.tree.map(np.asarray, params), pixels)
     assert ours.shape == (2, 16, 32)
@@ -77,9 +78,9 @@ def test_wrong_image_size_is_a_clear_error():
 def test_aligner_depth_and_exact_gelu():
     proj = MlpProjector(8, depth=3)
     x = np.random.RandomState(2).normal(size=(3, 5)).astype(np.float32)
-    p = proj.init(jax.random.key(0), x)["params"]
+    p = _random_params(proj, x, 3)
     assert sorted(p) == ["fc1", "hidden_layers_0", "hidden_layers_1"]
     h = _dense(x, p["fc1"])
     for name in ("hidden_layers_0", "hidden_layers_1"):
         h = _dense(_gelu(h), jax.tree.map(np.asarray, p[name]))
-    np.testing.assert_allclose(np.asarray(proj.apply({"params": p}, x)), h, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(jax.jit(proj.apply)({"params": p}, x)), h, atol=1e-4)

@@ -1,5 +1,8 @@
 """The VQ tokenizer: geometries other than 384/16, the original L2-normalised quantizer, and the
-pieces a trainer composes (latents, codebook, quantize, decode_latents)."""
+pieces a trainer composes (latents, codebook, quantize, decode_latents; training itself is tested
+with the VQ trainer)."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +16,17 @@ SMALL = configs.VQConfig(image_size=32, codebook_size=64, codebook_dim=8, ch=32,
                          num_res_blocks=1, z_channels=32)
 
 
+@functools.cache
+def _jit(method):
+    return jax.jit(lambda p, *args: VQModel(config=SMALL).apply(p, *args, method=method))
+
+
+@pytest.fixture(scope="module")
+def latents(vq):
+    model, params, pixels = vq
+    return _jit(VQModel.encode_latents)(params, pixels)  # [B, h, w, d]
+
+
 @pytest.fixture(scope="module")
 def vq():
     model = VQModel(config=SMALL)
@@ -21,12 +35,12 @@ def vq():
     return model, params, pixels
 
 
-def test_small_geometry_round_trip_shapes(vq):
+def test_small_geometry_round_trip_shapes(vq, latents):
     model, params, pixels = vq
     assert SMALL.grid == 8 and SMALL.num_tokens == 64
-    codes = jax.jit(lambda p, x: model.apply(p, x, method=VQModel.encode))(params, pixels)
+    codes, _ = model.apply(params, latents, method=VQModel.quantize_latents)
     assert codes.shape == (2, 8, 8) and codes.dtype == jnp.int32
-    out = jax.jit(lambda p, c: model.apply(p, c, method=VQModel.decode))(params, codes)
+    out = _jit(VQModel.decode)(params, codes)
     assert out.shape == (2, 32, 32, 3) and bool(jnp.all(jnp.isfinite(out)))
 
 
@@ -46,10 +60,9 @@ def test_real_geometry_is_24x24_for_384px():
     assert dec["up_4"]["block_2"]["conv2"]["kernel"].shape == (3, 3, 128, 128)
 
 
-def test_quantizer_normalises_like_the_original(vq):
+def test_quantizer_normalises_like_the_original(vq, latents):
     model, params, pixels = vq
-    z = np.asarray(jax.jit(lambda p, x: model.apply(p, x, method=VQModel.encode_latents))(
-        params, pixels))  # [B, h, w, d]
+    z = np.asarray(latents)
     table = np.asarray(params["params"]["quantize"]["embedding"])
     zn = z / np.linalg.norm(z, axis=-1, keepdims=True)
     tn = table / np.linalg.norm(table, axis=-1, keepdims=True)
@@ -69,22 +82,13 @@ def test_normalize_switch_changes_the_choice():
     assert int(nearest_code(l2_normalize(z), l2_normalize(table))[0]) == 1  # original: direction
 
 
-def test_pieces_compose_and_train_with_straight_through(vq):
+def test_pieces_compose_like_decode_of_encode(vq, latents):
+    """What a trainer composes (latents -> quantize -> decode_latents) equals decode(encode), and
+    the straight-through latents have the quantised values."""
     model, params, pixels = vq
-
-    def loss(p):
-        z = model.apply(p, pixels, method=VQModel.encode_latents)
-        _, zq = model.apply(p, z, method=VQModel.quantize_latents)
-        zq_st = l2_normalize(z) + jax.lax.stop_gradient(zq - l2_normalize(z))
-        rec = model.apply(p, zq_st, method=VQModel.decode_latents)
-        return jnp.mean((rec - pixels) ** 2), rec
-
-    def reference(p):
-        return model.apply(p, model.apply(p, pixels, method=VQModel.encode), method=VQModel.decode)
-
-    (value, rec), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-    np.testing.assert_allclose(np.asarray(rec), np.asarray(jax.jit(reference)(params)), atol=1e-5)
-    g = grads["params"]
-    assert float(jnp.abs(g["encoder"]["conv_in"]["kernel"]).sum()) > 0  # reaches the encoder
-    assert float(jnp.abs(g["decoder"]["conv_out"]["kernel"]).sum()) > 0
-    assert np.isfinite(float(value))
+    codes, zq = model.apply(params, latents, method=VQModel.quantize_latents)
+    zq_st = l2_normalize(latents) + jax.lax.stop_gradient(zq - l2_normalize(latents))
+    np.testing.assert_allclose(np.asarray(zq_st), np.asarray(zq), atol=1e-6)
+    decode = _jit(VQModel.decode_latents)
+    np.testing.assert_allclose(np.asarray(decode(params, zq)),
+                               np.asarray(_jit(VQModel.decode)(params, codes)), atol=1e-5)
