@@ -113,12 +113,12 @@ class DecodeCache:
             raise ValueError(f"prefill has {p} rows, layout expects {layout.num_prompts}")
         to_heads = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # noqa: E731  [P, kvH, L, Dh]
         suffix = (layout.num_rows, kv_heads, max_new, head_dim)
-        zeros = tuple(jnp.zeros(suffix, prefill.k[0].dtype) for _ in prefill.k)
+        zeros = lambda: tuple(jnp.zeros(suffix, prefill.k[0].dtype) for _ in prefill.k)  # noqa: E731
         valid = jnp.sum(prefill.mask, axis=1, dtype=jnp.int32)  # [P]
         positions = layout.ungroup(jnp.broadcast_to(valid[:, None], (p, layout.num_samples)))
         return cls(prefix_k=tuple(map(to_heads, prefill.k)),
                    prefix_v=tuple(map(to_heads, prefill.v)), prefix_mask=prefill.mask,
-                   k=zeros, v=zeros, index=jnp.zeros((), jnp.int32), positions=positions,
+                   k=zeros(), v=zeros(), index=jnp.zeros((), jnp.int32), positions=positions,
                    layout=layout)
 
     @property

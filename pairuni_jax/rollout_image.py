@@ -68,7 +68,7 @@ def _merge_cfg(layout: RowLayout, x: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "config", "num_samples", "num_tokens", "sampling", "bos_id", "boi_id", "pad_id", "layout"))
+    "config", "num_samples", "num_tokens", "sampling", "layout"))
 def generate_image_tokens(params: Params, config: JanusConfig, ids: jax.Array, mask: jax.Array,
                           rng: jax.Array, guidance: float | jax.Array = 5.0, *,
                           num_samples: int = 1, num_tokens: int | None = None,
@@ -76,8 +76,8 @@ def generate_image_tokens(params: Params, config: JanusConfig, ids: jax.Array, m
                           layout: str = "interleaved") -> ImageRollout:
     """Sample `num_samples` images of `num_tokens` (default: the VQ grid) tokens per prompt.
 
-    ids/mask [B, L]: left-padded generation prompts ending with <begin_of_image>. `guidance` is a
-    traced scalar (changing it does not recompile). Deterministic for a given rng key.
+    ids/mask [B, L]: left-padded generation prompts ending with <begin_of_image>. `guidance` and
+    the token ids are traced (changing them does not recompile). Deterministic for a given key.
     """
     b, length = ids.shape
     n = num_tokens or config.vq.num_tokens

@@ -43,8 +43,7 @@ def answer_mask(tokens: jax.Array, steps: jax.Array, eos_id: int) -> jax.Array:
     return (jnp.arange(tokens.shape[1]) < steps) & ~eos_before
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "config", "num_samples", "max_new_tokens", "sampling", "eos_id", "pad_id", "image_token_id"))
+@functools.partial(jax.jit, static_argnames=("config", "num_samples", "max_new_tokens", "sampling"))
 def generate_text(params: Params, config: JanusConfig, ids: jax.Array, mask: jax.Array,
                   rng: jax.Array, images: jax.Array | None = None, *, num_samples: int = 1,
                   max_new_tokens: int, sampling: Sampling, eos_id: int, pad_id: int,
@@ -52,8 +51,9 @@ def generate_text(params: Params, config: JanusConfig, ids: jax.Array, mask: jax
     """Sample `num_samples` answers for each left-padded prompt ids/mask [B, L].
 
     images [B, S, S, 3] in [-1, 1] (one per prompt) are encoded and written over the positions
-    where ids == image_token_id. Shapes are static: bucket prompt lengths (rollout.pad_prompts)
-    so that new lengths reuse the compiled program. Deterministic for a given rng key.
+    where ids == image_token_id. Shapes and (config, num_samples, max_new_tokens, sampling) are
+    static; token ids are traced. Bucket prompt lengths (rollout.pad_prompts) so that new lengths
+    reuse the compiled program. Deterministic for a given rng key.
     """
     b, length = ids.shape
     n = max_new_tokens

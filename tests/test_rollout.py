@@ -56,7 +56,7 @@ def _images(ck, ids, mask, rng=0, guidance=3.0, **kw):
 @pytest.mark.parametrize("kind", ["gqa", "deep"])
 def test_greedy_text_equals_transformers_generate_with_an_image(torch, kind):
     ck = tiny_checkpoint(kind)
-    ids, mask, pixels = _text_prompts(ck.config, 3)
+    ids, mask, pixels = _text_prompts(ck.config, 4)
     with torch.no_grad():
         ref = ck.model.generate(
             input_ids=torch.from_numpy(ids.astype(np.int64)),
@@ -73,7 +73,7 @@ def test_greedy_text_equals_transformers_generate_with_an_image(torch, kind):
 @pytest.mark.parametrize("layout", ["stacked", "interleaved"])
 def test_greedy_cfg_images_equal_transformers_generate_image_mode(torch, layout):
     ck = tiny_checkpoint("gqa")
-    ids, mask = _image_prompts(3)
+    ids, mask = _image_prompts(4)
     model = ck.model
     model.generation_config.generation_kwargs = {"boi_token_id": BOI}
     model.generation_config.bos_token_id, model.generation_config.pad_token_id = BOS, PAD
@@ -93,14 +93,14 @@ def test_greedy_cfg_images_equal_transformers_generate_image_mode(torch, layout)
 
 
 def test_image_rollout_decodes_pixels():
-    ck = tiny_checkpoint("deep")
-    ids, mask = _image_prompts(2)
+    ck = tiny_checkpoint("gqa")
+    ids, mask = _image_prompts(4)
     out = generate_images(ck.params, ck.config, jnp.asarray(ids), jnp.asarray(mask),
-                          jax.random.key(0), 5.0, num_samples=3, bos_id=BOS, boi_id=BOI,
-                          pad_id=PAD)
+                          jax.random.key(0), 3.0, num_samples=2, sampling=GREEDY, bos_id=BOS,
+                          boi_id=BOI, pad_id=PAD)
     size = ck.config.vq.image_size
-    assert out.pixels.shape == (2, 3, size, size, 3) and out.pixels.dtype == jnp.uint8
-    codes = out.tokens.reshape(6, ck.config.vq.grid, ck.config.vq.grid)
+    assert out.pixels.shape == (4, 2, size, size, 3) and out.pixels.dtype == jnp.uint8
+    codes = out.tokens.reshape(8, ck.config.vq.grid, ck.config.vq.grid)
     expected = janus.pixels_to_uint8(janus.vq_decode(ck.params, ck.config, codes))
     np.testing.assert_array_equal(out.pixels.reshape(expected.shape), expected)
 
@@ -138,11 +138,11 @@ def test_decode_steps_over_a_shared_prefix_equal_a_full_forward():
 
 def test_rows_stop_at_eos_and_the_rest_is_padding():
     ck = tiny_checkpoint("gqa")
-    ids, mask, pixels = _text_prompts(ck.config, 2)
-    free = np.asarray(_text(ck, ids, mask, pixels, num_samples=1, eos_id=-1).tokens[:, 0])
+    ids, mask, pixels = _text_prompts(ck.config, 4)
+    free = np.asarray(_text(ck, ids, mask, pixels, eos_id=-1).tokens[:, 0])
     eos = int(free[0, 4])  # row 0 stops at its first occurrence of this token
     stop = int(np.argmax(free[0] == eos))
-    out = _text(ck, ids, mask, pixels, num_samples=1, eos_id=eos)
+    out = _text(ck, ids, mask, pixels, eos_id=eos)
     tokens, valid = np.asarray(out.tokens[:, 0]), np.asarray(out.mask[:, 0])
     np.testing.assert_array_equal(tokens[0, :stop + 1], free[0, :stop + 1])
     assert (tokens[0, stop + 1:] == PAD).all() and valid[0].sum() == stop + 1
@@ -157,10 +157,10 @@ def test_rows_stop_at_eos_and_the_rest_is_padding():
 def test_sampled_text_log_probs_equal_teacher_forcing_and_keys_are_deterministic():
     ck = tiny_checkpoint("gqa")
     config, params = ck.config, ck.params
-    ids, mask, pixels = _text_prompts(config, 2)
-    out = _text(ck, ids, mask, pixels, rng=5, sampling=Sampling(), eos_id=-1, num_samples=3)
-    again = _text(ck, ids, mask, pixels, rng=5, sampling=Sampling(), eos_id=-1, num_samples=3)
-    other = _text(ck, ids, mask, pixels, rng=6, sampling=Sampling(), eos_id=-1, num_samples=3)
+    ids, mask, pixels = _text_prompts(config, 4)
+    out = _text(ck, ids, mask, pixels, rng=5, sampling=Sampling(), eos_id=-1)
+    again = _text(ck, ids, mask, pixels, rng=5, sampling=Sampling(), eos_id=-1)
+    other = _text(ck, ids, mask, pixels, rng=6, sampling=Sampling(), eos_id=-1)
     np.testing.assert_array_equal(out.tokens, again.tokens)
     assert (np.asarray(out.tokens) != np.asarray(other.tokens)).mean() > 0.5
     assert (np.asarray(out.tokens[:, 0]) != np.asarray(out.tokens[:, 1])).any()  # samples differ
