@@ -14,18 +14,13 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
-
-
-def _import_or_fail(name: str):
-    try:
-        return importlib.import_module(name)
-    except ImportError as e:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"{name} is required for the parity tests under CI: {e}")
-        pytest.skip(f"{name} not installed (install requirements-dev.txt)")
+from reference import missing_reference  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def torch():
     """The torch module (the PyTorch reference); fails instead of skipping under CI."""
-    return _import_or_fail("torch")
+    try:
+        return importlib.import_module("torch")
+    except ImportError as e:
+        missing_reference("torch", f"install requirements-dev.txt: {e}")

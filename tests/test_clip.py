@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference import missing_reference
 
 from pairuni_jax import clip_checkpoints, clip_processing
 from pairuni_jax.models import clip
@@ -64,7 +65,7 @@ def open_clip_module(torch):
         return sys.modules["open_clip.model"]
     spec = importlib.util.find_spec("open_clip")
     if spec is None:
-        pytest.skip("open_clip_torch not installed (pip install --no-deps open_clip_torch==3.3.0)")
+        missing_reference("open_clip_torch", "pip install --no-deps -r requirements-ref.txt")
     # resolve transformers' lazy imports and optional-package checks before the shim exists
     from transformers import AutoConfig, AutoModel, AutoTokenizer  # noqa: F401
 
