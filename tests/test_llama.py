@@ -122,3 +122,11 @@ def test_bf16_params_and_compute_stay_close_to_fp32(params):
     assert h16.dtype == jnp.bfloat16
     err = np.abs(np.asarray(h16, np.float32) - np.asarray(h32)).max()
     assert err < 0.05 * np.abs(np.asarray(h32)).max()
+
+
+def test_cache_overflow_is_an_error_when_called_eagerly(params):
+    cache = janus.init_cache(CONFIG, B, T)
+    x = _embeds(params, B, PREFILL, seed=8)
+    _, cache = janus.forward(params, CONFIG, x, jnp.ones((B, PREFILL), bool), cache)
+    with pytest.raises(ValueError, match="KV cache overflow: writing 5 tokens at slot 5"):
+        janus.forward(params, CONFIG, x, jnp.ones((B, PREFILL), bool), cache)

@@ -219,15 +219,25 @@ def embed_prompt(params: Params, config: JanusConfig, ids: jax.Array,
     return jnp.where(image_mask[..., None], placed, x)
 
 
-@functools.partial(jax.jit, static_argnames="config")
 def forward(params: Params, config: JanusConfig, embeds: jax.Array, mask: jax.Array,
             cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
     """Run the LM on embeds [B, T, D] with key mask [B, T] -> (final-normed hidden, new cache).
 
-    With a cache, the T tokens are written at slot `cache.index` and attend to everything cached;
-    the caller keeps index + T <= cache.max_len (writes beyond it are clamped by XLA). Without a
-    cache, a plain causal forward; the returned cache is None.
+    With a cache, the T tokens are written at slot `cache.index` and attend to everything cached.
+    Called eagerly, a write past cache.max_len raises; under a caller's jit the index is traced
+    and the caller must keep index + T <= max_len (XLA would clamp the write). Without a cache, a
+    plain causal forward; the returned cache is None.
     """
+    if cache is not None and not isinstance(cache.index, jax.core.Tracer):
+        end = int(cache.index) + embeds.shape[1]
+        if end > cache.max_len:
+            raise ValueError(f"KV cache overflow: writing {embeds.shape[1]} tokens at slot "
+                             f"{int(cache.index)} of a cache with {cache.max_len} slots")
+    return _forward(params, config, embeds, mask, cache)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _forward(params, config, embeds, mask, cache):
     return _apply(params, config, Janus.forward, embeds, mask, cache)
 
 
