@@ -86,6 +86,19 @@ def test_response_log_probs_match_a_full_sequence_forward(params):
     logits = janus.image_logits(params, CONFIG, h)[:, gen["prompt_ids"].shape[1] - 1 : -1]
     want = grpo.token_log_probs(logits, gen["response_ids"])
     np.testing.assert_allclose(got["gen"], want, rtol=1e-5, atol=1e-5)
+    # Guided scoring: softmax(u + w (c - u)), u from the unconditional prompt rows.
+    uncond_ids = np.where(np.arange(gen["prompt_ids"].shape[1]) == 0, gen["prompt_ids"], 7)
+    guided_batch = {
+        **batch,
+        "gen": {**gen, "uncond_prompt_ids": uncond_ids, "uncond_prompt_mask": gen["prompt_mask"]},
+    }
+    guided = jax.jit(rl_step.log_probs, static_argnums=(1, 3))(params, CONFIG, guided_batch, 5.0)
+    embeds = jnp.concatenate([janus.embed_tokens(params, CONFIG, uncond_ids), codes], 1)
+    h, _ = janus.forward(params, CONFIG, embeds, mask)
+    u = janus.image_logits(params, CONFIG, h)[:, gen["prompt_ids"].shape[1] - 1 : -1]
+    want = grpo.token_log_probs(u + 5.0 * (logits - u), gen["response_ids"])
+    np.testing.assert_allclose(guided["gen"], want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(guided["und"], got["und"], rtol=1e-6)
 
 
 def _run(params, cfg, batch, tx=None, steps=1):
@@ -152,6 +165,15 @@ def test_pareto_step_with_lora_keeps_base_frozen(params):
     assert all(np.isfinite(float(v)) for v in jax.tree.leaves(m))
     assert float(m["und/clip_fraction"]) >= 0 and float(m["gen/approx_kl"]) >= 0
     assert float(m["und/ref_kl"]) > 0  # second step: the adapters have moved off the base
+    # Task-by-task gradients == one shared forward with a vmapped vjp over the joint loss.
+    joint, mj = _run(
+        params, dataclasses.replace(cfg, per_task_grads=False), batch, tx=optax.adam(1e-2), steps=2
+    )
+    for a, b in zip(
+        jax.tree.leaves(joint.trainable), jax.tree.leaves(state.trainable), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(mj["und/weight"], m["und/weight"], rtol=1e-4, atol=1e-6)
 
 
 def test_eight_device_fsdp_step_equals_one_device(params, sum_step):

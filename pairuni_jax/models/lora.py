@@ -142,14 +142,17 @@ def intercept(
     *,
     dropout_rng: Array | None = None,
     deterministic: bool = True,
+    require_all: bool = True,
 ) -> Iterator[None]:
     """Inside this context every targeted nn.Dense / DenseGeneral adds (alpha / r) drop(x) @ A @ B.
 
     A Dense at module path ('language_model', 'layers_0', 'self_attn', 'q_proj') is targeted when
     '<path>/kernel' is a key of `lora`. Dropout (rate config.dropout) applies to the adapter input
     only, when deterministic=False (needs dropout_rng; each layer folds its path into the key).
-    Every LoRA entry must be used by the wrapped call (checked when the context exits), so a
-    mismatch between paths and modules cannot silently train nothing.
+    With require_all (default), every LoRA entry must be used by the wrapped call (checked when
+    the context exits), so a mismatch between paths and modules, or a call through an
+    already-jitted wrapper, cannot silently train nothing; pass False for calls that
+    legitimately touch only part of the model.
     """
     if not deterministic and config.dropout > 0 and dropout_rng is None:
         raise ValueError("LoRA dropout with deterministic=False needs dropout_rng")
@@ -181,7 +184,7 @@ def intercept(
     with nn.intercept_methods(interceptor):
         yield
     unused = set(lora) - used
-    if unused:
+    if require_all and unused:
         raise ValueError(
             "LoRA params not used by any nn.Dense inside `intercept` (was the model called "
             f"through an already-jitted wrapper?): {sorted(unused)[:5]}"

@@ -14,7 +14,9 @@ item; row p * G + g of a task is rollout g of pair p), so any batch shards over 
        base weights' log-probs, computed in the step).
 Log-probs are scored for the response tokens only: logits are computed at the response positions,
 never over the whole prompt (a [B, T, 102400] fp32 tensor would dominate memory). Image tokens are
-scored under gen_head on the conditional prompt (see grpo.guided_logits for the alternative).
+scored under gen_head on the conditional prompt by default, as the open Janus-Pro GRPO trainer
+does; UpdateConfig.image_cfg_scale = w scores the guided distribution they were sampled from
+instead (batch['gen'] then also carries uncond_prompt_ids / uncond_prompt_mask).
 
 Trainable parameters: LoRA adapters over frozen base weights (the base also serves as the KL
 reference), or a full fine-tuning partition (vision encoder and VQ frozen by default). Objectives
@@ -50,6 +52,10 @@ class UpdateConfig:
     group_size: int = 8  # G: rollouts per item (8 for 1B, 4 for 7B in the paper)
     num_micro_batches: int = 1
     lora: lora_lib.LoraConfig | None = None  # None = full fine-tuning of `trainable` leaves
+    image_cfg_scale: float | None = None  # None: score image tokens on the conditional prompt
+    # Per-objective gradients task by task (each over its own rows); False: pareto.objective_grads
+    # over the joint loss with combiner.grad_method ('vjp': one shared forward, vmapped vjp).
+    per_task_grads: bool = True
 
 
 @flax.struct.dataclass
@@ -102,14 +108,21 @@ def _apply(params: Any, config: JanusConfig, method: Callable, *args: Any) -> An
     return janus.Janus(config).apply({"params": params}, *args, method=method)
 
 
-def _response_log_probs(params, config, prompt_embeds, prompt_mask, response_embeds, batch, head):
-    """Log-probs of the response tokens given the prompt: [B, Tr] fp32."""
+def _response_logits(params, config, prompt_embeds, prompt_mask, response_embeds, batch, head):
+    """Logits at the positions that predict the response tokens: [B, Tr, V] fp32."""
     tp, tr = prompt_embeds.shape[1], response_embeds.shape[1]
     embeds = jnp.concatenate([prompt_embeds, response_embeds.astype(prompt_embeds.dtype)], axis=1)
     mask = jnp.concatenate([prompt_mask, batch["response_mask"]], axis=1).astype(bool)
     hidden, _ = _apply(params, config, janus.Janus.forward, embeds, mask, None)  # [B, Tp+Tr, D]
     hidden = hidden[:, tp - 1 : tp - 1 + tr]  # the positions that predict response tokens
-    logits = _apply(params, config, head, hidden)  # [B, Tr, V] fp32
+    return _apply(params, config, head, hidden)
+
+
+def _response_log_probs(params, config, prompt_embeds, prompt_mask, response_embeds, batch, head):
+    """Log-probs of the response tokens given the prompt: [B, Tr] fp32."""
+    logits = _response_logits(
+        params, config, prompt_embeds, prompt_mask, response_embeds, batch, head
+    )
     return grpo.token_log_probs(logits, batch["response_ids"])
 
 
@@ -127,20 +140,41 @@ def und_log_probs(params: Any, config: JanusConfig, und: dict[str, jax.Array]) -
     )
 
 
-def gen_log_probs(params: Any, config: JanusConfig, gen: dict[str, jax.Array]) -> jax.Array:
-    """Image-token log-probs [B, N] under gen_head on the conditional prompt."""
-    prompt = _apply(params, config, janus.Janus.embed_tokens, gen["prompt_ids"])
+def gen_log_probs(
+    params: Any, config: JanusConfig, gen: dict[str, jax.Array], cfg_scale: float | None = None
+) -> jax.Array:
+    """Image-token log-probs [B, N] under gen_head.
+
+    cfg_scale None (default): the conditional prompt's distribution. A number w: the guided
+    distribution softmax(u + w (c - u)) the tokens were sampled from, which needs the
+    unconditional prompts (gen['uncond_prompt_ids'] / ['uncond_prompt_mask'], [B, Tq]) and costs
+    a second forward pass.
+    """
     codes = _apply(params, config, janus.Janus.image_token_embeds, gen["response_ids"])
-    return _response_log_probs(
-        params, config, prompt, gen["prompt_mask"], codes, gen, janus.Janus.image_logits
-    )
+
+    def logits(ids, mask):
+        prompt = _apply(params, config, janus.Janus.embed_tokens, ids)
+        return _response_logits(params, config, prompt, mask, codes, gen, janus.Janus.image_logits)
+
+    cond = logits(gen["prompt_ids"], gen["prompt_mask"])  # [B, N, K]
+    if cfg_scale is None:
+        return grpo.token_log_probs(cond, gen["response_ids"])
+    if "uncond_prompt_ids" not in gen:
+        raise ValueError(
+            "guided image log-probs need gen['uncond_prompt_ids'] and ['uncond_prompt_mask']"
+        )
+    uncond = logits(gen["uncond_prompt_ids"], gen["uncond_prompt_mask"])
+    return grpo.token_log_probs(grpo.guided_logits(cond, uncond, cfg_scale), gen["response_ids"])
 
 
-def log_probs(params: Any, config: JanusConfig, batch: dict[str, Any]) -> dict[str, jax.Array]:
-    """Both tasks' response log-probs (use it for old_logp before the first update, or ref_logp)."""
+def log_probs(
+    params: Any, config: JanusConfig, batch: dict[str, Any], cfg_scale: float | None = None
+) -> dict[str, jax.Array]:
+    """Both tasks' response log-probs (use it for old_logp before the first update, or ref_logp).
+    cfg_scale: see `gen_log_probs`."""
     return {
         "und": und_log_probs(params, config, batch["und"]),
-        "gen": gen_log_probs(params, config, batch["gen"]),
+        "gen": gen_log_probs(params, config, batch["gen"], cfg_scale),
     }
 
 
@@ -153,12 +187,22 @@ def _model_params(state_trainable, frozen, cfg: UpdateConfig):
     return lora_lib.combine(state_trainable, frozen)
 
 
-def _policy_log_probs(trainable, frozen, config, cfg, batch):
+def task_log_probs(
+    params: Any, config: JanusConfig, task: str, rows: dict[str, jax.Array], cfg: UpdateConfig
+) -> jax.Array:
+    """One task's response log-probs ('und' or 'gen'); runs only that task's forward pass."""
+    if task == "und":
+        return und_log_probs(params, config, rows)
+    return gen_log_probs(params, config, rows, cfg.image_cfg_scale)
+
+
+def _policy_log_probs(trainable, frozen, config, cfg, task, rows):
     params = _model_params(trainable, frozen, cfg)
     if cfg.lora is None:
-        return log_probs(params, config, batch)
-    with lora_lib.intercept(trainable, cfg.lora):
-        return log_probs(params, config, batch)
+        return task_log_probs(params, config, task, rows, cfg)
+    # One task's forward may not touch every adapter (e.g. one on gen_head), so no usage check.
+    with lora_lib.intercept(trainable, cfg.lora, require_all=False):
+        return task_log_probs(params, config, task, rows, cfg)
 
 
 def _stats(x: jax.Array) -> dict[str, jax.Array]:
@@ -195,24 +239,24 @@ def update_step(
     for t in TASKS:
         rows[t]["loss_weights"] = weights[t]
 
-    def losses_fn(trainable, mb):
-        lp = _policy_log_probs(trainable, state.frozen, config, cfg, mb)
-        if g.beta > 0 and cfg.lora is not None and "ref_logp" not in mb["und"]:
+    def task_loss_fn(trainable, rows_t, t):
+        lp = _policy_log_probs(trainable, state.frozen, config, cfg, t, rows_t)
+        ref = rows_t.get("ref_logp")
+        if g.beta > 0 and cfg.lora is not None and ref is None:
             # LoRA: the reference policy is the frozen base, no second copy of the weights.
-            ref = jax.lax.stop_gradient(log_probs(state.frozen, config, mb))
-            mb = {**mb, **{t: {**mb[t], "ref_logp": ref[t]} for t in TASKS}}
-        tbs = {
-            t: grpo.TaskBatch(
-                old_logp=mb[t].get("old_logp", jax.lax.stop_gradient(lp[t])),
-                advantages=mb[t]["advantages"],
-                weights=mb[t]["loss_weights"],
-                mask=mb[t]["response_mask"],
-                ref_logp=mb[t].get("ref_logp"),
-            )
-            for t in TASKS
-        }
-        losses, metrics = grpo.pair_grpo_loss(lp, tbs, g)
-        return jnp.stack([losses[t] for t in TASKS]), metrics
+            ref = jax.lax.stop_gradient(task_log_probs(state.frozen, config, t, rows_t, cfg))
+        tb = grpo.TaskBatch(
+            old_logp=rows_t.get("old_logp", jax.lax.stop_gradient(lp)),
+            advantages=rows_t["advantages"],
+            weights=rows_t["loss_weights"],
+            mask=rows_t["response_mask"],
+            ref_logp=ref,
+        )
+        return grpo.task_loss(lp, tb, g)  # (L_t, metric sums)
+
+    def losses_fn(trainable, mb):
+        out = {t: task_loss_fn(trainable, mb[t], t) for t in TASKS}
+        return jnp.stack([out[t][0] for t in TASKS]), {t: out[t][1] for t in TASKS}
 
     comb = cfg.combiner
     direct_sum = comb.mode == "sum" and not comb.objective_stats
@@ -226,10 +270,17 @@ def update_step(
 
             (_, (losses, metrics)), grads = jax.value_and_grad(total, has_aux=True)(state.trainable)
             return losses, grads, metrics
-        losses, grads_k, metrics = pareto.objective_grads(
+        if cfg.per_task_grads:
+            # The tasks' rows are disjoint: each gradient needs only its own task's forward and
+            # backward, so per-objective gradients cost what the summed gradient costs.
+            vg = jax.value_and_grad(task_loss_fn, has_aux=True)
+            out = {t: vg(state.trainable, mb[t], t) for t in TASKS}
+            losses = jnp.stack([out[t][0][0] for t in TASKS])
+            grads_k = jax.tree.map(lambda *x: jnp.stack(x), *[out[t][1] for t in TASKS])
+            return losses, grads_k, {t: out[t][0][1] for t in TASKS}
+        return pareto.objective_grads(
             losses_fn, state.trainable, mb, method=comb.grad_method, has_aux=True
         )
-        return losses, grads_k, metrics
 
     losses, grads, sums = grpo.accumulate(micro, rows, cfg.num_micro_batches)
     present = jnp.stack([sums[t]["tokens"] > 0 for t in TASKS])
