@@ -22,6 +22,16 @@ from pairuni_jax.rollout_decode import DecodeCache, RowLayout, decode_step
 PAD, BOS, EOS, BOI = 0, 1, 2, 3
 
 
+def _jit(fn):
+    """A model function jitted with its config static (eager Flax calls compile op by op)."""
+    return jax.jit(fn, static_argnums=1)
+
+
+forward, embed_tokens, embed_prompt = _jit(janus.forward), _jit(janus.embed_tokens), _jit(
+    janus.embed_prompt)
+text_logits, image_logits = _jit(janus.text_logits), _jit(janus.image_logits)
+
+
 def _text_prompts(config, batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Left-padded prompts of different lengths, each with one image, and their pixels."""
     rng = np.random.default_rng(seed)
@@ -101,7 +111,8 @@ def test_image_rollout_decodes_pixels():
     size = ck.config.vq.image_size
     assert out.pixels.shape == (4, 2, size, size, 3) and out.pixels.dtype == jnp.uint8
     codes = out.tokens.reshape(8, ck.config.vq.grid, ck.config.vq.grid)
-    expected = janus.pixels_to_uint8(janus.vq_decode(ck.params, ck.config, codes))
+    expected = jax.jit(lambda p, x: janus.pixels_to_uint8(janus.vq_decode(p, ck.config, x)))(
+        ck.params, codes)
     np.testing.assert_array_equal(out.pixels.reshape(expected.shape), expected)
 
 
@@ -115,24 +126,24 @@ def test_decode_steps_over_a_shared_prefix_equal_a_full_forward():
     b, length, g, steps = 2, ids.shape[1], 3, 5
     new = rng.integers(4, 250, (b, g, steps)).astype(np.int32)
     for layout in (RowLayout((("b", b), ("g", g))), RowLayout((("g", g), ("b", b)))):
-        embeds = janus.embed_tokens(params, config, jnp.asarray(ids))
-        _, prefill = janus.forward(params, config, embeds, jnp.asarray(mask),
-                                   janus.init_cache(config, b, length))
+        embeds = embed_tokens(params, config, jnp.asarray(ids))
+        _, prefill = forward(params, config, embeds, jnp.asarray(mask),
+                             janus.init_cache(config, b, length))
         cache = DecodeCache.from_prefill(prefill, layout, steps)
         rows_new = layout.ungroup(jnp.asarray(new))  # [R, steps]
         step = jax.jit(decode_step, static_argnums=1)
         got = []
         for t in range(steps):
-            x = janus.embed_tokens(params, config, rows_new[:, t])
+            x = embed_tokens(params, config, rows_new[:, t])
             h, cache = step(params, config, x, cache)
-            got.append(janus.text_logits(params, config, h))
+            got.append(text_logits(params, config, h))
         got = layout.group(jnp.stack(got, 1))  # [B, G, steps, V]
         full_ids = np.concatenate([np.repeat(ids[:, None], g, 1), new], 2).reshape(b * g, -1)
         full_mask = np.concatenate([np.repeat(mask[:, None], g, 1), np.ones((b, g, steps), bool)],
                                    2).reshape(b * g, -1)
-        h, _ = janus.forward(params, config, janus.embed_tokens(params, config, full_ids),
+        h, _ = forward(params, config, embed_tokens(params, config, full_ids),
                              jnp.asarray(full_mask))
-        want = janus.text_logits(params, config, h[:, length:]).reshape(b, g, steps, -1)
+        want = text_logits(params, config, h[:, length:]).reshape(b, g, steps, -1)
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
@@ -170,11 +181,11 @@ def test_sampled_text_log_probs_equal_teacher_forcing_and_keys_are_deterministic
     full = np.concatenate([np.repeat(ids[:, None], g, 1), np.asarray(out.tokens)], 2)
     full = full.reshape(b * g, -1)
     full_mask = np.concatenate([np.repeat(mask[:, None], g, 1), np.ones((b, g, n), bool)], 2)
-    feats = np.repeat(np.asarray(janus.image_features(params, config, pixels)), g, 0)
+    feats = np.repeat(np.asarray(_jit(janus.image_features)(params, config, pixels)), g, 0)
     in_prompt = np.arange(full.shape[1]) < ids.shape[1]  # sampled ids may equal the image id
-    embeds = janus.embed_prompt(params, config, full, feats, (full == IMAGE_TOKEN_ID) & in_prompt)
-    h, _ = janus.forward(params, config, embeds, full_mask.reshape(b * g, -1))
-    logits = janus.text_logits(params, config, h[:, ids.shape[1] - 1:-1])  # predicts each token
+    embeds = embed_prompt(params, config, full, feats, (full == IMAGE_TOKEN_ID) & in_prompt)
+    h, _ = forward(params, config, embeds, full_mask.reshape(b * g, -1))
+    logits = text_logits(params, config, h[:, ids.shape[1] - 1:-1])  # predicts each token
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits), full[:, ids.shape[1]:, None], -1)
     np.testing.assert_allclose(out.model_logprobs.reshape(b * g, n), logp[..., 0], atol=1e-4)
 
@@ -191,9 +202,9 @@ def test_one_cfg_image_step_samples_the_guided_tempered_distribution():
                   sampling=Sampling(temperature=temperature))
     uncond = np.where((ids == BOS) | (ids == BOI), ids, PAD)
     both = np.concatenate([ids, uncond])
-    h, _ = janus.forward(params, config, janus.embed_tokens(params, config, both),
+    h, _ = forward(params, config, embed_tokens(params, config, both),
                          np.concatenate([mask, mask]))
-    c, u = np.asarray(janus.image_logits(params, config, h[:, -1]), np.float64)
+    c, u = np.asarray(image_logits(params, config, h[:, -1]), np.float64)
     counts = np.bincount(np.asarray(out.tokens).ravel(), minlength=c.shape[0])
 
     def pvalue(logits):
