@@ -359,6 +359,9 @@ def hf_config_dict(config: JanusConfig) -> dict[str, Any]:
     if q.grid != v.grid:
         raise ValueError(f"transformers ties the VQ grid to the vision patch grid: VQ grid "
                          f"{q.grid} != vision grid {v.grid}; cannot save this config for it")
+    if q.num_groups != 32:
+        raise ValueError(f"transformers' VQ uses GroupNorm(32): num_groups {q.num_groups} cannot "
+                         "be saved for it")
     if config.gen_head_dim != d:
         raise ValueError(f"transformers needs gen_head_dim == hidden_size ({config.gen_head_dim} "
                          f"!= {d})")

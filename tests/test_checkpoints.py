@@ -152,6 +152,15 @@ def test_save_hf_of_a_fresh_model_loads_in_transformers(gqa, tmp_path, torch):
     np.testing.assert_allclose(np.asarray(janus.text_logits(params, config, h)), ref, atol=1e-4)
 
 
+def test_save_hf_refuses_what_transformers_cannot_represent(gqa, tmp_path):
+    import dataclasses
+
+    odd_groups = gqa.config.replace(vq=dataclasses.replace(gqa.config.vq, num_groups=8))
+    with pytest.raises(ValueError, match="GroupNorm"):
+        save_hf(odd_groups, gqa.params, str(tmp_path))
+    assert not (tmp_path / "model.safetensors").exists()
+
+
 def test_name_mapping_round_trips_for_the_real_geometry():
     """Every param of the 1B geometry (2 LM / vision layers for speed) maps to a distinct
     transformers name, and original names of the fused/renamed tensors map back to them."""
