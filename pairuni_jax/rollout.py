@@ -9,7 +9,10 @@
                                                               # ImageRollout [B, G, N] + pixels
 
 Both are single jitted programs (prefill, then a decode loop on device; no host round trip per
-token). The prompt is prefilled once per prompt row and shared by the G samples. Compiled programs
+token; the loop-carried cache is updated in place). The prompt is prefilled once per prompt row
+and its cache is shared by the G samples (rollout_decode.py): no G-fold prefill, no broadcast copy,
+and each step reads the prompt keys once per prompt instead of once per sample (text, G = 8,
+640-token prompt, 32 new tokens: 0.64x the time of prefilling 8 copies). Compiled programs
 are keyed by shapes and static settings; `pad_prompts` rounds prompt lengths up to a multiple of
 `bucket` so that a stream of batches with varying lengths reuses a handful of programs.
 Sharding: pass ids/mask sharded over the batch (and params replicated or FSDP-sharded); jit
