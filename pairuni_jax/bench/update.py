@@ -280,11 +280,14 @@ def run(args) -> list[Record]:
         return go
 
     # Interleave the measurements so background load hits all of them alike.
+    # The matmul peak is measured in the same loop, so a shared machine's load hits it alike.
     times = {k: [] for k in ("torch", *modes)}
+    peaks = []
     for _ in range(args.repeats):
         for k in times:
             fn = torch_step if k == "torch" else ours(k)
             times[k].append(time_fn(fn, repeats=1, warmup=0 if times[k] else 1))
+        peaks.append(measured_peak_flops(repeats=3))
     med = {k: float(np.median(v)) for k, v in times.items()}
     t_torch, t_sum, t_par = med["torch"], med["sum"], med["pareto"]
 
@@ -299,7 +302,7 @@ def run(args) -> list[Record]:
         lambda: jax.block_until_ready(combine(grads_k, losses)), repeats=args.repeats
     )
 
-    peak = measured_peak_flops()
+    peak = float(np.max(peaks))  # the best observed rate: a conservative MFU
     flops = _flops(compiled["sum"])
     tokens = sum(int(np.sum(batch[t]["response_mask"])) for t in ("und", "gen"))
     records += [
