@@ -43,8 +43,8 @@ def shapes_vq_config(image_size: int = 32) -> VQConfig:
 
 @dataclasses.dataclass(frozen=True)
 class VQTrainConfig:
-    steps: int = 1200
-    batch_size: int = 32
+    steps: int = 3000
+    batch_size: int = 16
     learning_rate: float = 2e-3
     warmup_steps: int = 50
     beta: float = 0.25  # commitment weight
