@@ -359,9 +359,9 @@ def hf_config_dict(config: JanusConfig) -> dict[str, Any]:
     if q.grid != v.grid:
         raise ValueError(f"transformers ties the VQ grid to the vision patch grid: VQ grid "
                          f"{q.grid} != vision grid {v.grid}; cannot save this config for it")
-    if q.num_groups != 32:
-        raise ValueError(f"transformers' VQ uses GroupNorm(32): num_groups {q.num_groups} cannot "
-                         "be saved for it")
+    if q.num_groups != 32 and all(q.ch * m % 32 == 0 for m in q.ch_mult):
+        raise ValueError(f"transformers' VQ hard-codes GroupNorm(32) and would load this VQ "
+                         f"(num_groups {q.num_groups}) with different numbers")
     if config.gen_head_dim != d:
         raise ValueError(f"transformers needs gen_head_dim == hidden_size ({config.gen_head_dim} "
                          f"!= {d})")
@@ -395,6 +395,9 @@ def hf_config_dict(config: JanusConfig) -> dict[str, Any]:
             "out_channels": q.out_channels, "projection_dim": d,
             "num_hidden_layers": config.gen_aligner_depth, "image_token_embed_dim": d,
             "hidden_act": "gelu", "num_patches": v.grid,
+            # Read by this project's loader only: transformers builds GroupNorm(32) whatever this
+            # says, and refuses (rather than mis-computes) channel counts 32 does not divide.
+            **({"num_groups": q.num_groups} if q.num_groups != 32 else {}),
         },
     }
 

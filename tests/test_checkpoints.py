@@ -152,13 +152,27 @@ def test_save_hf_of_a_fresh_model_loads_in_transformers(gqa, tmp_path, torch):
     np.testing.assert_allclose(np.asarray(janus.text_logits(params, config, h)), ref, atol=1e-4)
 
 
-def test_save_hf_refuses_what_transformers_cannot_represent(gqa, tmp_path):
+def test_save_hf_vq_group_counts(gqa, tmp_path, torch):
+    """transformers' VQ hard-codes GroupNorm(32). A small VQ with fewer groups (the Shapes
+    world's) saves with its count, which our loader reads back and transformers refuses outright;
+    a VQ that transformers would load with 32 groups and silently different numbers is refused."""
     import dataclasses
 
-    odd_groups = gqa.config.replace(vq=dataclasses.replace(gqa.config.vq, num_groups=8))
+    from transformers import JanusForConditionalGeneration
+
+    vq = dataclasses.replace(gqa.config.vq, ch=16, ch_mult=(1, 2), num_groups=8)
+    config = gqa.config.replace(vq=vq)
+    params = janus.init_params(config, jax.random.key(2))
+    save_hf(config, params, str(tmp_path / "small"))
+    loaded, back = load_janus(str(tmp_path / "small"))
+    assert loaded == config
+    _assert_same_params(back, params)
+    with pytest.raises(ValueError, match="divisible"):
+        JanusForConditionalGeneration.from_pretrained(str(tmp_path / "small"))
+
+    wide = gqa.config.replace(vq=dataclasses.replace(vq, ch=32))
     with pytest.raises(ValueError, match="GroupNorm"):
-        save_hf(odd_groups, gqa.params, str(tmp_path))
-    assert not (tmp_path / "model.safetensors").exists()
+        save_hf(wide, janus.init_params(wide, jax.random.key(2)), str(tmp_path / "wide"))
 
 
 def test_name_mapping_round_trips_for_the_real_geometry():

@@ -201,6 +201,7 @@ def _from_transformers(d: dict[str, Any]) -> JanusConfig:
         image_size=grid * 2 ** (len(ch_mult) - 1), codebook_size=qc.get("num_embeddings", 16384),
         codebook_dim=qc.get("embed_dim", 8), ch=qc.get("base_channels", 128), ch_mult=ch_mult,
         num_res_blocks=qc.get("num_res_blocks", 2), z_channels=qc.get("latent_channels", 256),
+        num_groups=qc.get("num_groups", 32),
         in_channels=qc.get("in_channels", 3), out_channels=qc.get("out_channels", 3),
     )
     if qc.get("double_latent"):
