@@ -196,7 +196,8 @@ def task_log_probs(
     return gen_log_probs(params, config, rows, cfg.image_cfg_scale)
 
 
-def _policy_log_probs(trainable, frozen, config, cfg, task, rows):
+def policy_log_probs(trainable, frozen, config, cfg, task, rows):
+    """One task's response log-probs under the policy (trainable + frozen, or LoRA on the base)."""
     params = _model_params(trainable, frozen, cfg)
     if cfg.lora is None:
         return task_log_probs(params, config, task, rows, cfg)
@@ -240,7 +241,7 @@ def update_step(
         rows[t]["loss_weights"] = weights[t]
 
     def task_loss_fn(trainable, rows_t, t):
-        lp = _policy_log_probs(trainable, state.frozen, config, cfg, t, rows_t)
+        lp = policy_log_probs(trainable, state.frozen, config, cfg, t, rows_t)
         ref = rows_t.get("ref_logp")
         if g.beta > 0 and cfg.lora is not None and ref is None:
             # LoRA: the reference policy is the frozen base, no second copy of the weights.
@@ -290,8 +291,14 @@ def update_step(
         grads, info = pareto.combine(grads, losses, comb, present)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
+    # A non-finite loss or gradient skips the update (params and optimizer state stay as they
+    # were); the loop counts skips and stops after too many in a row.
+    finite = jnp.isfinite(jnp.sum(losses)) & jnp.isfinite(optax.global_norm(grads))
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    trainable, opt_state = keep(trainable, state.trainable), keep(opt_state, state.opt_state)
 
     metrics = {
+        "skipped": 1.0 - finite.astype(jnp.float32),
         "loss": jnp.sum(losses),
         "update_norm": optax.global_norm(updates),
         "grad_norm": optax.global_norm(grads),
