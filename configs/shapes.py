@@ -1,0 +1,90 @@
+"""The embedded default: the whole PairUni pipeline on the synthetic Shapes world, on a CPU.
+
+    python -m pairuni_jax.main --config=configs/shapes.py --workdir=runs/shapes
+
+Presets: `configs/shapes.py` (default: <= 15 minutes on 2 CPU cores), `configs/shapes.py:smoke`
+(a couple of minutes, for tests). Every field can be overridden on the command line, e.g.
+`--config.sft.combiner.mode=pareto --config.seed=1`.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    preset = arg or "default"
+    if preset not in ("default", "smoke"):
+        raise ValueError(f"configs/shapes.py: unknown preset {arg!r}; use '' or 'smoke'")
+    smoke = preset == "smoke"
+    c = ml_collections.ConfigDict()
+    c.job = "shapes"
+    c.seed = 0
+
+    # The world (pairuni_jax/data/shapes*.py). 32 px images -> an 8 x 8 grid of image tokens.
+    c.world = dict(
+        image_size=32,
+        train_size=200 if smoke else 1200,  # understanding items, and generation items, per split
+        train_pairs=100 if smoke else 600,  # aligned pairs
+        heldout_size=60 if smoke else 300,
+        heldout_pairs=30 if smoke else 150,
+    )
+    # The tiny VQ (Janus's VQ-16 architecture, 3 levels), fitted on the world's images.
+    c.vq = dict(
+        steps=150 if smoke else 1200,
+        batch_size=32,
+        learning_rate=2e-3,
+        num_images=512 if smoke else 4096,
+        eval_per_category=10 if smoke else 50,
+    )
+    # The policy: Janus-Pro's architecture at a size a CPU trains in minutes.
+    c.policy = dict(
+        hidden_size=64 if smoke else 128,
+        intermediate_size=128 if smoke else 384,
+        num_layers=2 if smoke else 4,
+        num_heads=4,
+        num_kv_heads=2,
+        vision_width=32 if smoke else 64,
+        vision_depth=1 if smoke else 2,
+        vision_heads=2,
+        dtype="float32",
+    )
+    # Supervised warm start on both tasks; combiner 'sum' or 'pareto' (the Pareto LoRA setting).
+    c.sft = dict(
+        steps=60 if smoke else 1500,
+        batch_size=16 if smoke else 32,
+        learning_rate=1e-3,
+        warmup_steps=10 if smoke else 100,
+        combiner=dict(mode="sum", normalization="none", groups=()),
+        log_every=20 if smoke else 100,
+        checkpoint_every=500,
+    )
+    # Retrieved pairs (pairuni_jax/data/pairing.py) over image features.
+    c.pairing = dict(features="pixels", threshold=0.6, top_n=10, clusters=0)
+    # Pair-GRPO (pairuni_jax/train/rl.py, rl_step.py): the paper's recipe at the world's scale.
+    c.rl = dict(
+        steps=6 if smoke else 150,
+        pairs_per_batch=4 if smoke else 8,  # P
+        group_size=4 if smoke else 8,  # G: answers per question and images per prompt
+        temperature=1.0,
+        guidance=5.0,
+        max_new_tokens=4,
+        mu=1,
+        learning_rate=1e-4,
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        eps_low=0.2,
+        eps_high=0.2,
+        beta=0.0,
+        pair_weighting="sqrt",  # retrieved pairs: sqrt(s_p) | linear | none; aligned: 1
+        aggregation="task_sum",  # token_mean | seq_mean | task_sum
+        combiner=dict(mode="sum", normalization="none", groups=()),
+        num_micro_batches=1,
+        log_every=1,
+        checkpoint_every=25,
+        eval_every=0 if smoke else 50,
+    )
+    c.reward = dict(generation="shapes")  # hpsv2 | clip | shapes, or weighted: "shapes=1,clip=0.5"
+    c.eval = dict(
+        num_understanding=40 if smoke else 300,
+        num_generation=24 if smoke else 120,
+    )
+    return c

@@ -1,0 +1,245 @@
+"""The embedded default: the whole PairUni pipeline on the Shapes world, on a laptop CPU.
+
+Stages (each resumable, results under <workdir>/<stage>/):
+  world   render the world: train and held-out understanding/generation sets, aligned pairs,
+          the word-level tokenizer
+  vq      fit the tiny VQ (Janus's VQ-16 architecture) on the world's images
+  sft     a tiny Janus-architecture policy, warm-started on both tasks (sum or Pareto combiner);
+          saved in transformers' format with the tokenizer, like a real checkpoint
+  pairs   retrieved pairs by the pairing command's code over image features, plus aligned pairs
+  rl      Pair-GRPO from the SFT policy on the pairs, with the Shapes checker as image reward
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from pairuni_jax import checkpoints
+from pairuni_jax.data import features as features_lib
+from pairuni_jax.data import pairing, pairug
+from pairuni_jax.data import pipeline as pipeline_lib
+from pairuni_jax.data.shapes import write_world
+from pairuni_jax.data.shapes_render import WorldConfig
+from pairuni_jax.models import janus
+from pairuni_jax.models.configs import JanusConfig, LlamaConfig, SigLIPConfig
+from pairuni_jax.processing import JanusProcessor
+from pairuni_jax.rl.grpo import GRPOConfig
+from pairuni_jax.rl.rewards import build_generation_reward
+from pairuni_jax.train import rl as rl_lib
+from pairuni_jax.train import rl_step
+from pairuni_jax.train import sft as sft_lib
+from pairuni_jax.train import vq as vq_lib
+from pairuni_jax.train.evaluate import ShapesEvaluator
+from pairuni_jax.train.stages import run_stages
+
+
+def world_config(config: ml_collections.ConfigDict) -> WorldConfig:
+    return WorldConfig(image_size=config.world.image_size)
+
+
+def policy_config(config: ml_collections.ConfigDict, vocab_size: int) -> JanusConfig:
+    """The tiny Janus-architecture policy: its VQ is the world's, its vision grid matches it."""
+    p, world = config.policy, world_config(config)
+    vq = vq_lib.shapes_vq_config(world.image_size)
+    text = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,
+        num_layers=p.num_layers, num_heads=p.num_heads, num_kv_heads=p.num_kv_heads,
+        head_dim=p.hidden_size // p.num_heads, max_position_embeddings=1024,
+    )
+    vision = SigLIPConfig(
+        image_size=world.image_size, patch_size=world.image_size // vq.grid,
+        width=p.vision_width, depth=p.vision_depth, num_heads=p.vision_heads,
+        mlp_dim=4 * p.vision_width,
+    )
+    return JanusConfig(text=text, vision=vision, vq=vq, gen_head_dim=p.hidden_size,
+                       dtype=p.dtype, param_dtype=p.dtype)
+
+
+def _load_image(root: str, rel: str) -> np.ndarray:
+    with Image.open(os.path.join(root, rel)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def save_policy(model_config: JanusConfig, params, tokenizer_dir: str, path: str) -> str:
+    """A checkpoint directory like a real one: transformers-format weights + the tokenizer."""
+    checkpoints.save_hf(model_config, jax.device_get(params), path)
+    for name in os.listdir(tokenizer_dir):
+        shutil.copy(os.path.join(tokenizer_dir, name), path)
+    return path
+
+
+class ShapesJob:
+    """The stages of the embedded default, sharing the config and the workdir."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, log=print):
+        self.config, self.workdir, self.log = config, os.path.abspath(workdir), log
+        self.world_dir = os.path.join(self.workdir, "world")
+
+    def stages(self):
+        return [("world", self.world), ("vq", self.vq), ("sft", self.sft),
+                ("pairs", self.pairs), ("rl", self.rl)]
+
+    def run(self) -> dict[str, dict[str, Any]]:
+        return run_stages(self.workdir, self.stages(), self.log)
+
+    # -- stages -------------------------------------------------------------------------------
+
+    def world(self, stage_dir: str) -> dict[str, Any]:
+        w = self.config.world
+        files = write_world(stage_dir, train_size=w.train_size, train_pairs=w.train_pairs,
+                            heldout_size=w.heldout_size, heldout_pairs=w.heldout_pairs,
+                            cfg=world_config(self.config), seed=self.config.seed)
+        return {"files": {k: os.path.relpath(v, stage_dir) for k, v in files.items()}}
+
+    def _fit_vq(self, stage_dir: str):
+        v = self.config.vq
+        train = vq_lib.VQTrainConfig(steps=v.steps, batch_size=v.batch_size,
+                                     learning_rate=v.learning_rate, seed=self.config.seed,
+                                     num_images=v.num_images)
+        return vq_lib.fit_vq(stage_dir, world=world_config(self.config), train=train,
+                             log=self.log)
+
+    def vq(self, stage_dir: str) -> dict[str, Any]:
+        model, params = self._fit_vq(stage_dir)
+        acc = vq_lib.checker_accuracy(model, params, world_config(self.config),
+                                      per_category=self.config.vq.eval_per_category,
+                                      split="heldout")
+        self.log("vq: checker accuracy on held-out reconstructions: "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+        return {"checker_accuracy_on_reconstructions": acc}
+
+    def processor(self, model_dir: str | None = None) -> JanusProcessor:
+        world = world_config(self.config)
+        grid = vq_lib.shapes_vq_config(world.image_size).grid
+        proc = JanusProcessor.from_pretrained(
+            model_dir or os.path.join(self.world_dir, "tokenizer"),
+            image_size=world.image_size, num_image_tokens=grid * grid)
+        return dataclasses.replace(proc, system_prompt="")
+
+    def sft_data(self, proc: JanusProcessor, vq_model, vq_params) -> sft_lib.SFTData:
+        root = self.world_dir
+        und = _jsonl(os.path.join(root, "train_understanding.jsonl"))
+        gen = _jsonl(os.path.join(root, "train_generation.jsonl"))
+        for pair in _jsonl(os.path.join(root, "train_aligned_pairs.jsonl")):
+            und.append(pair["understand_ann"])
+            gen.append(pair["generate_ann"])
+        und_items = [(_load_image(root, r["image_path"]), r["question"], r["answer"])
+                     for r in und]
+        gen_images = np.stack([_load_image(root, r["image_path"]) for r in gen])
+        encode = jax.jit(lambda x: vq_model.apply(vq_params, vq_lib.to_model_pixels(x),
+                                                   method=type(vq_model).encode))
+        codes = np.concatenate([np.asarray(encode(gen_images[i:i + 256]))
+                                for i in range(0, len(gen_images), 256)])
+        return sft_lib.build_sft_data(proc, und_items,
+                                      [(r["prompt"], c) for r, c in zip(gen, codes, strict=True)])
+
+    def sft(self, stage_dir: str) -> dict[str, Any]:
+        vq_model, vq_params = self._fit_vq(os.path.join(self.workdir, "vq"))
+        proc = self.processor()
+        model_config = policy_config(self.config, len(proc.tokenizer))
+        params = janus.init_params(model_config, jax.random.key(self.config.seed))
+        params = dict(params, vqmodel=vq_params["params"])
+        data = self.sft_data(proc, vq_model, vq_params)
+        s = self.config.sft
+        cfg = sft_lib.SFTConfig(
+            steps=s.steps, batch_size=s.batch_size, learning_rate=s.learning_rate,
+            warmup_steps=s.warmup_steps, combiner=combiner_config(s.combiner),
+            seed=self.config.seed, log_every=s.log_every, checkpoint_every=s.checkpoint_every)
+        self.log(f"sft: {len(data.und_ids)} understanding and {len(data.gen_ids)} generation "
+                 f"examples; policy {param_count(params) / 1e6:.2f}M params")
+        params, metrics = sft_lib.train_sft(
+            params, model_config, data, cfg, stage_dir,
+            evaluate=self.evaluator(proc, model_config), log=self.log)
+        model_dir = save_policy(model_config, params, os.path.join(self.world_dir, "tokenizer"),
+                                os.path.join(stage_dir, "model"))
+        return {"model": os.path.relpath(model_dir, self.workdir), "metrics": metrics}
+
+    def pairs(self, stage_dir: str) -> dict[str, Any]:
+        p, root = self.config.pairing, self.world_dir
+        und = pairug.read_understanding_set(os.path.join(root, "train_understanding.jsonl"))
+        gen = pairug.read_generation_set(os.path.join(root, "train_generation.jsonl"))
+        aligned = [pairug.read_pairug(os.path.join(root, "train_aligned_pairs.jsonl"))]
+        extractor = features_lib.make_extractor(p.features)
+        cache = os.path.join(stage_dir, ".features")
+
+        def feats(rr):
+            paths = [os.path.join(rr.root, x.image_path) for x in rr.records]
+            return features_lib.compute_features(paths, extractor, cache_dir=cache)
+
+        config = pairing.PairingConfig(top_n=p.top_n, threshold=p.threshold,
+                                       clusters=p.clusters, seed=self.config.seed)
+        result = pairing.build_pairs(und, gen, feats(und), feats(gen), out_root=root,
+                                     config=config, aligned=aligned)
+        out = os.path.join(root, "train_pairs.jsonl")
+        pairug.write_pairug(out, result.records)
+        with open(os.path.join(stage_dir, "report.json"), "w") as f:
+            json.dump(result.report, f, indent=1)
+        pairing.plot_histogram(result.report, os.path.join(stage_dir, "similarity.png"))
+        self.log(f"pairs: {len(result.records)} pairs {result.report['by_pair_type']}")
+        return {"pairs": os.path.relpath(out, self.workdir),
+                "by_pair_type": result.report["by_pair_type"]}
+
+
+    def evaluator(self, proc: JanusProcessor, model_config: JanusConfig) -> ShapesEvaluator:
+        e, r = self.config.eval, self.config.rl
+        return ShapesEvaluator(self.world_dir, proc, model_config,
+                               num_understanding=e.num_understanding,
+                               num_generation=e.num_generation, guidance=r.guidance,
+                               temperature=r.temperature, seed=self.config.seed,
+                               world_config=world_config(self.config))
+
+    def rl(self, stage_dir: str) -> dict[str, Any]:
+        r = self.config.rl
+        sft_model = os.path.join(self.workdir, "sft", "model")
+        model_config, params = checkpoints.load_janus(sft_model)
+        proc = self.processor(sft_model)
+        source = pipeline_lib.JsonlPairSource(os.path.join(self.world_dir, "train_pairs.jsonl"))
+        pipeline = pipeline_lib.PairPipeline(source, proc, pipeline_lib.PipelineConfig(
+            pairs_per_batch=r.pairs_per_batch, seed=self.config.seed, bucket_multiple=32))
+        reward = build_generation_reward(self.config.reward.to_dict())
+        cfg = rl_config(r, self.config.seed)
+        params, summary = rl_lib.train_rl(params, model_config, proc, pipeline, reward, cfg,
+                                          stage_dir, evaluate=self.evaluator(proc, model_config),
+                                          log=self.log)
+        model_dir = save_policy(model_config, params, os.path.join(self.world_dir, "tokenizer"),
+                                os.path.join(stage_dir, "model"))
+        return {"model": os.path.relpath(model_dir, self.workdir), "metrics": summary}
+
+
+def rl_config(r: ml_collections.ConfigDict, seed: int) -> rl_lib.RLConfig:
+    """RLConfig from the config's `rl` section."""
+    grpo_cfg = GRPOConfig(eps_low=r.eps_low, eps_high=r.eps_high, beta=r.beta,
+                          pair_weighting=r.pair_weighting, aggregation=r.aggregation)
+    update = rl_step.UpdateConfig(grpo=grpo_cfg, combiner=combiner_config(r.combiner),
+                                  group_size=r.group_size, num_micro_batches=r.num_micro_batches)
+    return rl_lib.RLConfig(
+        steps=r.steps, temperature=r.temperature, guidance=r.guidance,
+        max_new_tokens=r.max_new_tokens, mu=r.mu, learning_rate=r.learning_rate,
+        warmup_steps=r.warmup_steps,
+        max_grad_norm=r.max_grad_norm, update=update, trainable=(r".*",), frozen=(r"^vqmodel/",),
+        seed=seed, log_every=r.log_every, checkpoint_every=r.checkpoint_every,
+        eval_every=r.eval_every)
+
+
+def combiner_config(c: ml_collections.ConfigDict):
+    from pairuni_jax.rl.pareto import CombinerConfig
+
+    return CombinerConfig(mode=c.mode, normalization=c.normalization, groups=tuple(c.groups))
+
+
+def param_count(params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
