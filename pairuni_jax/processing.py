@@ -54,12 +54,9 @@ def resized_size(width: int, height: int, target: int) -> tuple[int, int]:
     )
 
 
-def preprocess_image(image: Image.Image | np.ndarray, image_size: int) -> np.ndarray:
-    """Understanding preprocessing: RGB, long side to `image_size` (bicubic, antialiased),
-    centred on a square of PAD_COLOUR, then scaled to [-1, 1].
-
-    Returns float32 [image_size, image_size, 3].
-    """
+def letterbox(image: Image.Image | np.ndarray, image_size: int) -> np.ndarray:
+    """RGB, long side to `image_size` (bicubic, antialiased, short side floored), centred on a
+    square of PAD_COLOUR: uint8 [image_size, image_size, 3]."""
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
             raise ValueError(
@@ -69,9 +66,17 @@ def preprocess_image(image: Image.Image | np.ndarray, image_size: int) -> np.nda
     image = image.convert("RGB")
     width, height = resized_size(*image.size, image_size)
     image = image.resize((width, height), Image.Resampling.BICUBIC)
-    square = Image.new("RGB", (max(width, height),) * 2, PAD_COLOUR)
-    square.paste(image, ((max(width, height) - width) // 2, (max(width, height) - height) // 2))
-    pixels = np.asarray(square, dtype=np.float32) / 255.0  # [S, S, 3]
+    square = Image.new("RGB", (image_size, image_size), PAD_COLOUR)
+    square.paste(image, ((image_size - width) // 2, (image_size - height) // 2))
+    return np.asarray(square)
+
+
+def preprocess_image(image: Image.Image | np.ndarray, image_size: int) -> np.ndarray:
+    """Understanding preprocessing: `letterbox`, then scaled to [-1, 1].
+
+    Returns float32 [image_size, image_size, 3].
+    """
+    pixels = letterbox(image, image_size).astype(np.float32) / 255.0  # [S, S, 3]
     return (pixels - 0.5) / 0.5
 
 

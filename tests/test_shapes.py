@@ -20,7 +20,7 @@ from pairuni_jax.data.shapes import (
     write_world,
 )
 from pairuni_jax.data.shapes_checker import detect, score_image, score_images
-from pairuni_jax.data.shapes_eval import extract_choice, geneval_accuracy, mc_accuracy
+from pairuni_jax.data.shapes_eval import geneval_accuracy, mc_accuracy
 from pairuni_jax.data.shapes_render import (
     BACKGROUND,
     COLORS,
@@ -45,6 +45,7 @@ from pairuni_jax.data.shapes_text import (
     format_prompt,
     parse_prompt,
 )
+from pairuni_jax.rl.rewards import extract_choice
 
 CFG = WorldConfig()
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from pairuni_jax.processing import PAD_COLOUR, resized_size
+from pairuni_jax.processing import letterbox
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,14 +103,9 @@ def make_extractor(name: str, **kwargs) -> FeatureExtractor:
 
 
 def letterbox_uint8(path: str, size: int) -> np.ndarray:
-    """Decode an image, long side to `size` (bicubic, floor), centred on grey: uint8 [S, S, 3]."""
+    """Decode an image file and `processing.letterbox` it: uint8 [S, S, 3]."""
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = resized_size(*im.size, size)
-        im = im.resize((w, h), Image.Resampling.BICUBIC)
-    square = Image.new("RGB", (size, size), PAD_COLOUR)
-    square.paste(im, ((size - w) // 2, (size - h) // 2))
-    return np.asarray(square)
+        return letterbox(im, size)
 
 
 class FeatureCache:

@@ -47,7 +47,7 @@ import numpy as np
 from PIL import Image
 
 from pairuni_jax.data import pairug
-from pairuni_jax.processing import PAD_COLOUR, pad_left, resized_size
+from pairuni_jax.processing import letterbox, pad_left
 
 TEXT_KEYS = ("und_answer", "und_question", "und_tag", "gen_prompt", "gen_tag")
 
@@ -126,19 +126,16 @@ class PipelineConfig:
 
 
 def decode_letterboxed(data: bytes, size: int, *, fast: bool = False) -> np.ndarray:
-    """Encoded image -> uint8 [size, size, 3]: RGB, long side to `size` (bicubic, floored), centred
-    on PAD_COLOUR. Exactly JanusProcessor.preprocess_image before its float scaling (tested)."""
+    """Encoded image -> `processing.letterbox` uint8 [size, size, 3]: exactly
+    JanusProcessor.preprocess_image before its float scaling (tested). `fast` first shrinks large
+    JPEGs cheaply (DCT-scaled decode, box reduce), which changes pixels slightly."""
     with Image.open(io.BytesIO(data)) as im:
         if fast:
             im.draft("RGB", (size, size))  # JPEG: decode at 1/2, 1/4, 1/8 scale, both sides >= S
         image = im.convert("RGB")
     if fast and (factor := min(image.size) // size) >= 2:
         image = image.reduce(factor)  # box filter, short side stays >= S
-    w, h = resized_size(*image.size, size)
-    image = image.resize((w, h), Image.Resampling.BICUBIC)
-    square = Image.new("RGB", (size, size), PAD_COLOUR)
-    square.paste(image, ((size - w) // 2, (size - h) // 2))
-    return np.asarray(square)
+    return letterbox(image, size)
 
 
 def bucket_length(length: int, buckets: Sequence[int] | None, multiple: int, what: str) -> int:

@@ -3,7 +3,6 @@ by category."""
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -12,16 +11,6 @@ import numpy as np
 from pairuni_jax.data.shapes_checker import score_images
 from pairuni_jax.data.shapes_render import DEFAULT_WORLD, WorldConfig
 from pairuni_jax.data.shapes_text import parse_prompt
-
-_ANSWER_TAG = re.compile(r"<answer>\s*([A-Z])\s*[.)]?\s*</answer>")
-_LEADING_LETTER = re.compile(r"^\s*\(?([A-Z])(?:[.):]|\s*$)")
-
-
-def extract_choice(text: str) -> str | None:
-    """The option letter of a model answer: from "<answer>X</answer>" if present, else a bare
-    "X", or a leading "X.", "X:", "(X)"; None otherwise ("I think" is not an answer "I")."""
-    m = _ANSWER_TAG.search(text) or _LEADING_LETTER.match(text)
-    return m.group(1) if m else None
 
 
 def _by_category(correct: Sequence[bool], tags: Sequence[str]) -> dict[str, float]:
@@ -46,7 +35,7 @@ def mc_accuracy(predictions: Sequence[str | None], answers: Sequence[str],
                 tags: Sequence[str]) -> dict[str, float]:
     """Accuracy per question tag plus "overall" over all items (as MMStar/POPE report it).
 
-    `predictions` are letters (see `extract_choice`) or None for an unreadable answer (wrong).
+    `predictions` are letters (`rl.rewards.extract_choice`) or None for an unreadable answer.
     """
     correct = [p is not None and p == a for p, a in zip(predictions, answers, strict=True)]
     result = _by_category(correct, tags)
