@@ -32,6 +32,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         steps=150 if smoke else 1200,
         batch_size=32,
         learning_rate=2e-3,
+        warmup_steps=10 if smoke else 50,
         num_images=512 if smoke else 4096,
         eval_per_category=10 if smoke else 50,
     )

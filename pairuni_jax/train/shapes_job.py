@@ -108,7 +108,8 @@ class ShapesJob:
     def _fit_vq(self, stage_dir: str):
         v = self.config.vq
         train = vq_lib.VQTrainConfig(steps=v.steps, batch_size=v.batch_size,
-                                     learning_rate=v.learning_rate, seed=self.config.seed,
+                                     learning_rate=v.learning_rate,
+                                     warmup_steps=v.warmup_steps, seed=self.config.seed,
                                      num_images=v.num_images)
         return vq_lib.fit_vq(stage_dir, world=world_config(self.config), train=train,
                              log=self.log)

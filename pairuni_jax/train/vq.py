@@ -126,6 +126,9 @@ def make_train_step(model: VQModel, optimizer: optax.GradientTransformation, tra
 
 def make_optimizer(train: VQTrainConfig) -> optax.GradientTransformation:
     """Adam with linear warmup and cosine decay to 5% of the peak rate."""
+    if not 0 <= train.warmup_steps < train.steps:
+        raise ValueError(f"VQTrainConfig: warmup_steps ({train.warmup_steps}) must be in "
+                         f"[0, steps) with steps = {train.steps}")
     schedule = optax.warmup_cosine_decay_schedule(0.0, train.learning_rate, train.warmup_steps,
                                                   train.steps, train.learning_rate * 0.05)
     return optax.adam(schedule)
