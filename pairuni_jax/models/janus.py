@@ -214,9 +214,16 @@ def embed_prompt(params: Params, config: JanusConfig, ids: jax.Array,
         return x
     if image_mask is None:
         raise ValueError("embed_prompt: image_features given without image_mask")
+    return place_image_features(x, image_features, image_mask)
+
+
+def place_image_features(embeds: jax.Array, image_features: jax.Array,
+                         image_mask: jax.Array) -> jax.Array:
+    """Write image_features [B, M, D] over the marked positions of embeds [B, T, D]: row b's k-th
+    position with image_mask [B, T] True receives image_features[b, k]."""
     slot = jnp.clip(jnp.cumsum(image_mask, axis=1) - 1, 0, image_features.shape[1] - 1)  # [B, T]
-    placed = jnp.take_along_axis(image_features.astype(x.dtype), slot[..., None], axis=1)
-    return jnp.where(image_mask[..., None], placed, x)
+    placed = jnp.take_along_axis(image_features.astype(embeds.dtype), slot[..., None], axis=1)
+    return jnp.where(image_mask[..., None], placed, embeds)
 
 
 def forward(params: Params, config: JanusConfig, embeds: jax.Array, mask: jax.Array,

@@ -131,9 +131,7 @@ def und_log_probs(params: Any, config: JanusConfig, und: dict[str, jax.Array]) -
     feats = _apply(params, config, janus.Janus.image_features, und["pixels"])  # [B, M, D]
     ids = und["prompt_ids"]
     text = _apply(params, config, janus.Janus.embed_tokens, ids)  # [B, Tp, D]
-    slot = jnp.clip(jnp.cumsum(und["image_mask"], axis=1) - 1, 0, feats.shape[1] - 1)  # [B, Tp]
-    placed = jnp.take_along_axis(feats.astype(text.dtype), slot[..., None], axis=1)
-    prompt = jnp.where(und["image_mask"][..., None], placed, text)
+    prompt = janus.place_image_features(text, feats, und["image_mask"])
     answer = _apply(params, config, janus.Janus.embed_tokens, und["response_ids"])
     return _response_log_probs(
         params, config, prompt, und["prompt_mask"], answer, und, janus.Janus.text_logits
