@@ -8,7 +8,6 @@ GenEval-style accuracy by category, their mean ("overall") and the mean fraction
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 
@@ -22,12 +21,7 @@ from pairuni_jax.data.shapes_render import DEFAULT_WORLD, WorldConfig
 from pairuni_jax.models.configs import JanusConfig
 from pairuni_jax.processing import JanusProcessor
 from pairuni_jax.rl.rewards import extract_choice
-
-
-def _read_jsonl(path: str, limit: int) -> list[dict]:
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return records[:limit]
+from pairuni_jax.train.metrics import read_jsonl
 
 
 def _batches(n: int, size: int) -> Sequence[slice]:
@@ -47,9 +41,9 @@ class ShapesEvaluator:
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.num_images, self.key = num_images, jax.random.key(seed)
         self.world_config = world_config
-        und = _read_jsonl(os.path.join(world_dir, f"{split}_understanding.jsonl"),
-                          num_understanding)
-        gen = _read_jsonl(os.path.join(world_dir, f"{split}_generation.jsonl"), num_generation)
+        und = read_jsonl(os.path.join(world_dir, f"{split}_understanding.jsonl"))
+        und = und[:num_understanding]
+        gen = read_jsonl(os.path.join(world_dir, f"{split}_generation.jsonl"))[:num_generation]
         if not und or not gen:
             raise ValueError(f"{world_dir}: no {split} items to evaluate on")
         self.answers = [r["answer"] for r in und]

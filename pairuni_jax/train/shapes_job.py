@@ -39,6 +39,7 @@ from pairuni_jax.train import rl_step
 from pairuni_jax.train import sft as sft_lib
 from pairuni_jax.train import vq as vq_lib
 from pairuni_jax.train.evaluate import ShapesEvaluator
+from pairuni_jax.train.metrics import read_jsonl
 from pairuni_jax.train.stages import run_stages
 
 
@@ -67,11 +68,6 @@ def policy_config(config: ml_collections.ConfigDict, vocab_size: int) -> JanusCo
 def _load_image(root: str, rel: str) -> np.ndarray:
     with Image.open(os.path.join(root, rel)) as im:
         return np.asarray(im.convert("RGB"))
-
-
-def _jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def save_policy(model_config: JanusConfig, params, tokenizer_dir: str, path: str) -> str:
@@ -133,9 +129,9 @@ class ShapesJob:
 
     def sft_data(self, proc: JanusProcessor, vq_model, vq_params) -> sft_lib.SFTData:
         root = self.world_dir
-        und = _jsonl(os.path.join(root, "train_understanding.jsonl"))
-        gen = _jsonl(os.path.join(root, "train_generation.jsonl"))
-        for pair in _jsonl(os.path.join(root, "train_aligned_pairs.jsonl")):
+        und = read_jsonl(os.path.join(root, "train_understanding.jsonl"))
+        gen = read_jsonl(os.path.join(root, "train_generation.jsonl"))
+        for pair in read_jsonl(os.path.join(root, "train_aligned_pairs.jsonl")):
             und.append(pair["understand_ann"])
             gen.append(pair["generate_ann"])
         und_items = [(_load_image(root, r["image_path"]), r["question"], r["answer"])
