@@ -190,3 +190,25 @@ def test_eight_device_fsdp_step_equals_one_device(params, sum_step):
     for a, b in zip(jax.tree.leaves(got.trainable), jax.tree.leaves(want.trainable), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(gm["loss"], wm["loss"], rtol=1e-4, atol=1e-6)
+
+
+def test_one_task_batch_trains_that_task_only(params):
+    """An und-only batch updates exactly as a two-task batch whose gen rewards are all equal
+    (zero gen advantages, so no gen gradient); gen-only under the Pareto combiner gives the
+    present task all the weight."""
+    batch = make_batch(3)
+    flat_gen = {**batch, "gen": {**batch["gen"], "rewards": np.ones(P * G, np.float32)}}
+    both, mb = _run(params, SUM, flat_gen)
+    und_only, mu = _run(params, SUM, {"und": batch["und"]})
+    for a, b in zip(
+        jax.tree.leaves(und_only.trainable), jax.tree.leaves(both.trainable), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(mu["loss"], mb["loss"], rtol=1e-5, atol=1e-7)
+    assert "gen/loss" not in mu and "gen/reward_mean" not in mu and "und/loss" in mu
+    pareto_cfg = rl_step.UpdateConfig(combiner=pareto.CombinerConfig(mode="pareto"))
+    gen_only, mg = _run(params, pareto_cfg, {"gen": batch["gen"]})
+    assert float(mg["gen/weight"]) == 1.0 and "und/loss" not in mg
+    assert float(mg["grad_norm"]) > 0 and float(mg["skipped"]) == 0.0
+    with pytest.raises(ValueError, match="none of the tasks"):
+        _run(params, SUM, {})

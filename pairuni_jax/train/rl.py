@@ -65,6 +65,14 @@ class RLConfig:
     keep: int = 3
     eval_every: int = 0  # 0: only at the start and the end
     max_nonfinite: int = 5
+    # The tasks trained: both (Pair-GRPO), or ("und",) / ("gen",) for a one-task run, which
+    # skips the other task's rollout and reward.
+    tasks: tuple[str, ...] = ("und", "gen")
+
+    def __post_init__(self):
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks) or not set(self.tasks) <= {
+            "und", "gen"}:
+            raise ValueError(f"RLConfig.tasks={self.tasks!r}: a non-empty subset of ('und', 'gen')")
 
 
 def make_optimizer(cfg: RLConfig) -> optax.GradientTransformation:
@@ -81,17 +89,22 @@ def policy_params(state: rl_step.TrainState, update: rl_step.UpdateConfig):
     return lora_lib.combine(state.trainable, state.frozen)
 
 
-def rollout_batch(batch: dict, text: rollout.TextRollout, images: rollout.ImageRollout,
-                  und_rewards: np.ndarray, gen_rewards: np.ndarray, placeholder_id: int) -> dict:
+def rollout_batch(batch: dict, text: rollout.TextRollout | None,
+                  images: rollout.ImageRollout | None, und_rewards: np.ndarray | None,
+                  gen_rewards: np.ndarray | None, placeholder_id: int,
+                  guided: bool = False) -> dict:
     """The update step's layout (rl_step): every leaf [P * G, ...], row p * G + g of a task is
-    rollout g of pair p. Rewards [P, G]."""
-    p, g, n_text = text.tokens.shape
-    n_image = images.tokens.shape[-1]
+    rollout g of pair p. Rewards [P, G]. A task whose rollout is None is left out (one-task runs);
+    `guided` adds the unconditional prompts that guided image scoring needs."""
+    out = {}
+    rollouts = text if text is not None else images
+    p, g = rollouts.tokens.shape[:2]
     rows = lambda x: np.repeat(np.asarray(x), g, axis=0)  # noqa: E731  [P, ...] -> [P * G, ...]
     pair = {"similarity": rows(batch["similarity"]), "aligned": rows(batch["pair_type"] == 0)}
-    und_ids = rows(batch["und_ids"])  # [P * G, Lu]
-    return {
-        "und": {
+    if text is not None:
+        und_ids = rows(batch["und_ids"])  # [P * G, Lu]
+        n_text = text.tokens.shape[-1]
+        out["und"] = {
             "prompt_ids": und_ids,
             "prompt_mask": rows(batch["und_mask"]),
             "image_mask": und_ids == placeholder_id,
@@ -100,16 +113,21 @@ def rollout_batch(batch: dict, text: rollout.TextRollout, images: rollout.ImageR
             "response_mask": np.asarray(text.mask).reshape(p * g, n_text),
             "rewards": np.asarray(und_rewards, np.float32).reshape(p * g),
             **pair,
-        },
-        "gen": {
+        }
+    if images is not None:
+        n_image = images.tokens.shape[-1]
+        out["gen"] = {
             "prompt_ids": rows(batch["gen_ids"]),  # [P * G, Lg]
             "prompt_mask": rows(batch["gen_mask"]),
             "response_ids": np.asarray(images.tokens).reshape(p * g, n_image),
             "response_mask": np.ones((p * g, n_image), bool),
             "rewards": np.asarray(gen_rewards, np.float32).reshape(p * g),
             **pair,
-        },
-    }
+        }
+        if guided:
+            out["gen"]["uncond_prompt_ids"] = rows(batch["gen_uncond_ids"])
+            out["gen"]["uncond_prompt_mask"] = rows(batch["gen_mask"])
+    return out
 
 
 class PairGRPO:
@@ -121,7 +139,8 @@ class PairGRPO:
         self.generation_reward = generation_reward
         self.tx = make_optimizer(cfg)
         self.update = rl_step.make_update_fn(model_config, cfg.update, self.tx)
-        self.old_log_probs = jax.jit(functools.partial(rl_step.log_probs, config=model_config))
+        self.old_log_probs = jax.jit(functools.partial(
+            rl_step.log_probs, config=model_config, cfg_scale=cfg.update.image_cfg_scale))
         self.sampling = rollout.Sampling(temperature=cfg.temperature)
 
     def init_state(self, params) -> rl_step.TrainState:
@@ -130,21 +149,26 @@ class PairGRPO:
                                   rng=jax.random.key(self.cfg.seed), trainable_mask=mask)
 
     def rollouts(self, params, batch: dict, key: jax.Array):
+        """(text rollouts or None, image rollouts or None) on the host, for the trained tasks."""
         c, p = self.cfg, self.processor
         k_text, k_image = jax.random.split(key)
-        text = rollout.generate_text(
-            params, self.model_config, batch["und_ids"], batch["und_mask"], k_text,
-            batch["pixel_values"], num_samples=c.update.group_size,
-            max_new_tokens=c.max_new_tokens,
-            sampling=self.sampling, eos_id=p.eos_id, pad_id=p.pad_id,
-            image_token_id=p.image_placeholder_id)
-        images = rollout.generate_images(
-            params, self.model_config, batch["gen_ids"], batch["gen_mask"], k_image,
-            c.guidance, num_samples=c.update.group_size, sampling=self.sampling, bos_id=p.bos_id,
-            boi_id=p.image_start_id, pad_id=p.pad_id)
+        text = images = None
+        if "und" in c.tasks:
+            text = rollout.generate_text(
+                params, self.model_config, batch["und_ids"], batch["und_mask"], k_text,
+                batch["pixel_values"], num_samples=c.update.group_size,
+                max_new_tokens=c.max_new_tokens,
+                sampling=self.sampling, eos_id=p.eos_id, pad_id=p.pad_id,
+                image_token_id=p.image_placeholder_id)
+        if "gen" in c.tasks:
+            images = rollout.generate_images(
+                params, self.model_config, batch["gen_ids"], batch["gen_mask"], k_image,
+                c.guidance, num_samples=c.update.group_size, sampling=self.sampling,
+                bos_id=p.bos_id, boi_id=p.image_start_id, pad_id=p.pad_id)
         return jax.device_get(text), jax.device_get(images)
 
-    def rewards(self, batch: dict, text, images) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def understanding_rewards(self, batch: dict, text) -> tuple[np.ndarray, np.ndarray]:
+        """(reward, accuracy), both [P, G], of the sampled answers."""
         p, (n_pairs, g, _) = self.processor, text.tokens.shape
         outputs = [p.decode(t[m]) for t, m in zip(text.tokens.reshape(n_pairs * g, -1),
                                                    text.mask.reshape(n_pairs * g, -1),
@@ -153,36 +177,59 @@ class PairGRPO:
             outputs, np.repeat(batch["und_answer"], g).tolist(),
             format_weight=self.cfg.format_weight,
             num_options=np.repeat(batch["und_num_options"], g).tolist())
+        return und["reward"].reshape(n_pairs, g), und["accuracy"].reshape(n_pairs, g)
+
+    def image_rewards(self, batch: dict, images) -> np.ndarray:
+        """[P, G] rewards of the sampled images for their prompts."""
         gen, _ = self.generation_reward(images.pixels, list(batch["gen_prompt"]))
-        return (und["reward"].reshape(n_pairs, g), und["accuracy"].reshape(n_pairs, g),
-                np.asarray(gen).reshape(images.tokens.shape[:2]))
+        return np.asarray(gen).reshape(images.tokens.shape[:2])
 
     def step(self, state: rl_step.TrainState, batch: dict, key: jax.Array):
-        """One Pair-GRPO step -> (state, metrics, rollout images, their rewards)."""
+        """One Pair-GRPO step -> (state, metrics, rollout images or None, their rewards or None)."""
         t0 = time.perf_counter()
         params = policy_params(state, self.cfg.update)
         text, images = self.rollouts(params, batch, key)
         t1 = time.perf_counter()
-        und_r, und_acc, gen_r = self.rewards(batch, text, images)
+        und_r = und_acc = gen_r = None
+        if text is not None:
+            und_r, und_acc = self.understanding_rewards(batch, text)
+        if images is not None:
+            gen_r = self.image_rewards(batch, images)
         t2 = time.perf_counter()
-        rb = rollout_batch(batch, text, images, und_r, gen_r, self.processor.image_placeholder_id)
+        rb = rollout_batch(batch, text, images, und_r, gen_r, self.processor.image_placeholder_id,
+                           guided=self.cfg.update.image_cfg_scale is not None)
         if self.cfg.mu > 1:
             old = self.old_log_probs(params, batch=rb)
-            for task in ("und", "gen"):
+            for task in rb:
                 rb[task]["old_logp"] = old[task]
         del params
         for _ in range(self.cfg.mu):
             state, metrics = self.update(state, rb)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         t3 = time.perf_counter()
-        tokens = int(text.mask.sum()) + int(np.prod(images.tokens.shape))
+        tokens = 0
+        if text is not None:
+            tokens += int(text.mask.sum())
+            metrics["und/accuracy"] = float(und_acc.mean())
+            metrics["und/answer_length"] = float(text.mask.sum(-1).mean())
+        if images is not None:
+            tokens += int(np.prod(images.tokens.shape))
         metrics.update({
-            "und/accuracy": float(und_acc.mean()),
             "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2,
             "rollout_tokens_per_s": tokens / max(t1 - t0, 1e-9),
-            "und/answer_length": float(text.mask.sum(-1).mean()),
         })
-        return state, metrics, images.pixels, gen_r
+        return (state, metrics, None if images is None else images.pixels, gen_r)
+
+
+def data_skip_counts(pipeline) -> dict[str, float]:
+    """Records the pipeline's source dropped while reading (on_error='skip'), by reason, as
+    'data/skipped' (total) and 'data/skipped/<reason>'; empty when the source reports none."""
+    skipped = getattr(getattr(pipeline.source, "read", None), "skipped", None)
+    if skipped is None:
+        return {}
+    out = {"data/skipped": float(sum(skipped.values()))}
+    out.update({f"data/skipped/{reason}": float(n) for reason, n in sorted(skipped.items())})
+    return out
 
 
 def train_rl(params, model_config: JanusConfig, processor: JanusProcessor, pipeline,
@@ -195,6 +242,11 @@ def train_rl(params, model_config: JanusConfig, processor: JanusProcessor, pipel
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
     base_key = jax.random.key(cfg.seed)
     summary: dict[str, float] = {}
+    skip_counts = data_skip_counts(pipeline)
+    if skip_counts.get("data/skipped"):
+        log(f"rl: the data source skipped {int(skip_counts['data/skipped'])} records: "
+            + ", ".join(f"{k.rsplit('/', 1)[-1]}={int(v)}" for k, v in skip_counts.items()
+                        if k != "data/skipped"))
     with Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep) as ckpt, \
             PreemptionGuard() as guard:
         meta = {}
@@ -226,6 +278,7 @@ def train_rl(params, model_config: JanusConfig, processor: JanusProcessor, pipel
             state, metrics, pixels, gen_r = loop.step(state, batch, jax.random.fold_in(base_key,
                                                                                        step))
             done = step + 1
+            metrics.update(skip_counts)
             skipped = metrics.get("skipped", 0.0) > 0
             nonfinite_run = nonfinite_run + 1 if skipped else 0
             if nonfinite_run >= cfg.max_nonfinite:
@@ -240,6 +293,7 @@ def train_rl(params, model_config: JanusConfig, processor: JanusProcessor, pipel
                                 if math.isfinite(v)})
             if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
                 run_eval(done)
+            if cfg.eval_every and done % cfg.eval_every == 0 and pixels is not None:
                 n = min(16, pixels.shape[0] * pixels.shape[1])
                 caps = [f"{r:.2f}" for r in gen_r.reshape(-1)[:n]]
                 writer.images(done, "rollout_samples", pixels.reshape(-1, *pixels.shape[2:])[:n],

@@ -8,6 +8,8 @@ item; row p * G + g of a task is rollout g of pair p), so any batch shards over 
   gen: prompt_ids [B, Tq] (left-padded, ends with <begin_of_image>), prompt_mask [B, Tq],
        response_ids [B, N] (sampled image codes), response_mask [B, N]
   both: rewards [B], similarity [B] and aligned [B] (bool) of the row's pair
+  A batch may hold one task only (an understanding-only or generation-only run): the absent
+  objective has loss 0, no gradient and no weight in the combiner, and no metrics.
   optional per task: old_logp [B, T*] (teacher-forced before the first update of this rollout
        batch; absent = on-policy, the ratio is 1 and the current log-probs stand in, which saves a
        forward pass when mu = 1), ref_logp [B, T*] (beta > 0; with LoRA it defaults to the frozen
@@ -168,12 +170,14 @@ def gen_log_probs(
 def log_probs(
     params: Any, config: JanusConfig, batch: dict[str, Any], cfg_scale: float | None = None
 ) -> dict[str, jax.Array]:
-    """Both tasks' response log-probs (use it for old_logp before the first update, or ref_logp).
-    cfg_scale: see `gen_log_probs`."""
-    return {
-        "und": und_log_probs(params, config, batch["und"]),
-        "gen": gen_log_probs(params, config, batch["gen"], cfg_scale),
-    }
+    """The response log-probs of every task in `batch` ('und' and/or 'gen'): use it for old_logp
+    before the first update, or ref_logp. cfg_scale: see `gen_log_probs`."""
+    out = {}
+    if "und" in batch:
+        out["und"] = und_log_probs(params, config, batch["und"])
+    if "gen" in batch:
+        out["gen"] = gen_log_probs(params, config, batch["gen"], cfg_scale)
+    return out
 
 
 # ---------------------------------------------------------------- the step
@@ -218,9 +222,12 @@ def update_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One Pair-GRPO update (jit it with `make_update_fn`)."""
     g = cfg.grpo
+    present_tasks = tuple(t for t in TASKS if t in batch)  # a run may train one task only
+    if not present_tasks:
+        raise ValueError(f"the update batch has none of the tasks {TASKS}: keys {sorted(batch)}")
     per_row = ("rewards", "similarity", "aligned")
     rows, adv, pair_w = {}, {}, {}
-    for t in TASKS:
+    for t in present_tasks:
         r = batch[t]["rewards"]
         if r.shape[0] % cfg.group_size:
             raise ValueError(
@@ -234,8 +241,10 @@ def update_step(
         adv[t] = a.reshape(-1) * pair_w[t]  # weighted after normalisation
         rows[t] = {k: v for k, v in batch[t].items() if k not in per_row}
         rows[t]["advantages"] = adv[t]
-    weights = grpo.loss_weights({t: batch[t]["response_mask"] for t in TASKS}, g.aggregation)
-    for t in TASKS:
+    weights = grpo.loss_weights(
+        {t: batch[t]["response_mask"] for t in present_tasks}, g.aggregation
+    )
+    for t in present_tasks:
         rows[t]["loss_weights"] = weights[t]
 
     def task_loss_fn(trainable, rows_t, t):
@@ -253,9 +262,12 @@ def update_step(
         )
         return grpo.task_loss(lp, tb, g)  # (L_t, metric sums)
 
+    # The combiner always sees both objectives (index 0 gen, 1 und); an absent task has loss 0,
+    # a zero gradient and present = False, so it gets no weight.
     def losses_fn(trainable, mb):
-        out = {t: task_loss_fn(trainable, mb[t], t) for t in TASKS}
-        return jnp.stack([out[t][0] for t in TASKS]), {t: out[t][1] for t in TASKS}
+        out = {t: task_loss_fn(trainable, mb[t], t) for t in present_tasks}
+        losses = [out[t][0] if t in out else jnp.zeros((), jnp.float32) for t in TASKS]
+        return jnp.stack(losses), {t: out[t][1] for t in present_tasks}
 
     comb = cfg.combiner
     direct_sum = comb.mode == "sum" and not comb.objective_stats
@@ -273,16 +285,20 @@ def update_step(
             # The tasks' rows are disjoint: each gradient needs only its own task's forward and
             # backward, so per-objective gradients cost what the summed gradient costs.
             vg = jax.value_and_grad(task_loss_fn, has_aux=True)
-            out = {t: vg(state.trainable, mb[t], t) for t in TASKS}
-            losses = jnp.stack([out[t][0][0] for t in TASKS])
-            grads_k = jax.tree.map(lambda *x: jnp.stack(x), *[out[t][1] for t in TASKS])
-            return losses, grads_k, {t: out[t][0][1] for t in TASKS}
+            out = {t: vg(state.trainable, mb[t], t) for t in present_tasks}
+            zero_grads = jax.tree.map(jnp.zeros_like, state.trainable)
+            losses = jnp.stack(
+                [out[t][0][0] if t in out else jnp.zeros((), jnp.float32) for t in TASKS]
+            )
+            grads = [out[t][1] if t in out else zero_grads for t in TASKS]
+            grads_k = jax.tree.map(lambda *x: jnp.stack(x), *grads)
+            return losses, grads_k, {t: out[t][0][1] for t in present_tasks}
         return pareto.objective_grads(
             losses_fn, state.trainable, mb, method=comb.grad_method, has_aux=True
         )
 
     losses, grads, sums = grpo.accumulate(micro, rows, cfg.num_micro_batches)
-    present = jnp.stack([sums[t]["tokens"] > 0 for t in TASKS])
+    present = jnp.stack([sums[t]["tokens"] > 0 if t in sums else jnp.array(False) for t in TASKS])
     if direct_sum:
         info = {"losses": losses, "weights": present.astype(jnp.float32)[None]}
     else:
@@ -303,6 +319,8 @@ def update_step(
     }
     metrics.update(grpo.finalize_metrics(sums))
     for i, t in enumerate(TASKS):
+        if t not in present_tasks:
+            continue
         metrics[f"{t}/loss"] = losses[i]
         metrics[f"{t}/weight"] = jnp.mean(info["weights"][:, i])
         for name, value in _stats(batch[t]["rewards"]).items():
@@ -312,7 +330,7 @@ def update_step(
             metrics[f"{t}/grad_norm"] = info["grad_norms"][i]
     if "cosine" in info:
         metrics["grad_cosine"] = info["cosine"]
-    metrics["pair_weight_mean"] = jnp.mean(pair_w["und"])
+    metrics["pair_weight_mean"] = jnp.mean(pair_w[present_tasks[-1]])  # und when present
     new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
     return new_state, metrics
 
