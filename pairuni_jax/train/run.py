@@ -16,4 +16,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         from pairuni_jax.train.shapes_job import ShapesJob
 
         return ShapesJob(config, workdir).run()
+    if config.job == "pairug":
+        from pairuni_jax.train.pairug_job import run_pairug
+
+        return run_pairug(config, workdir)
     raise ValueError(f"config.job={config.job!r}: expected 'shapes' or 'pairug'")
