@@ -40,6 +40,7 @@ from pairuni_jax.train import sft as sft_lib
 from pairuni_jax.train import vq as vq_lib
 from pairuni_jax.train.evaluate import ShapesEvaluator
 from pairuni_jax.train.metrics import read_jsonl
+from pairuni_jax.train.report import write_report
 from pairuni_jax.train.stages import run_stages
 
 
@@ -90,7 +91,10 @@ class ShapesJob:
                 ("pairs", self.pairs), ("rl", self.rl)]
 
     def run(self) -> dict[str, dict[str, Any]]:
-        return run_stages(self.workdir, self.stages(), self.log)
+        """Run (or resume) every stage, then write the report (on a rerun too)."""
+        results = run_stages(self.workdir, self.stages(), self.log)
+        self.log(f"report: {write_report(self.workdir, [name for name, _ in self.stages()])}")
+        return results
 
     # -- stages -------------------------------------------------------------------------------
 
@@ -200,21 +204,31 @@ class ShapesJob:
                                world_config=world_config(self.config))
 
     def rl(self, stage_dir: str) -> dict[str, Any]:
-        r = self.config.rl
+        pairs = os.path.join(self.world_dir, "train_pairs.jsonl")
+        return self.train_policy(stage_dir, rl_config(self.config.rl, self.config.seed), pairs)
+
+    def train_policy(self, stage_dir: str, cfg: rl_lib.RLConfig, pairs_path: str, *,
+                     save_model: bool = True) -> dict[str, Any]:
+        """Pair-GRPO from the SFT policy on the PairUG file `pairs_path` (the `rl` stage, and
+        every ablation run: same start, same evaluator, only the data and `cfg` differ)."""
         sft_model = os.path.join(self.workdir, "sft", "model")
         model_config, params = checkpoints.load_janus(sft_model)
         proc = self.processor(sft_model)
-        source = pipeline_lib.JsonlPairSource(os.path.join(self.world_dir, "train_pairs.jsonl"))
+        source = pipeline_lib.JsonlPairSource(pairs_path)
         pipeline = pipeline_lib.PairPipeline(source, proc, pipeline_lib.PipelineConfig(
-            pairs_per_batch=r.pairs_per_batch, seed=self.config.seed, bucket_multiple=32))
+            pairs_per_batch=self.config.rl.pairs_per_batch, seed=cfg.seed,
+            bucket_multiple=32))
         reward = build_generation_reward(self.config.reward.to_dict())
-        cfg = rl_config(r, self.config.seed)
         params, summary = rl_lib.train_rl(params, model_config, proc, pipeline, reward, cfg,
                                           stage_dir, evaluate=self.evaluator(proc, model_config),
                                           log=self.log)
-        model_dir = save_policy(model_config, params, os.path.join(self.world_dir, "tokenizer"),
-                                os.path.join(stage_dir, "model"))
-        return {"model": os.path.relpath(model_dir, self.workdir), "metrics": summary}
+        result: dict[str, Any] = {"metrics": summary}
+        if save_model:
+            model_dir = save_policy(model_config, params,
+                                    os.path.join(self.world_dir, "tokenizer"),
+                                    os.path.join(stage_dir, "model"))
+            result["model"] = os.path.relpath(model_dir, self.workdir)
+        return result
 
 
 def rl_config(r: ml_collections.ConfigDict, seed: int) -> rl_lib.RLConfig:
