@@ -154,3 +154,17 @@ def test_two_local_processes_join_one_job():
     # flags override env: source 'flags'; 2 processes x 2 devices; sum = 2 * 1 + 2 * 2
     assert lines[0] == ["flags", "True", "True", "2", "4", "6.0"]
     assert lines[1] == ["flags", "True", "False", "2", "4", "6.0"]
+
+
+# ---------------------------------------------------------------- launch scripts
+
+
+@pytest.mark.parametrize("script", ["tpu_vm.sh", "gpu.sh"])
+def test_launch_scripts_parse_and_print_usage(script):
+    path = os.path.join(REPO, "launch", script)
+    subprocess.run(["bash", "-n", path], check=True)
+    out = subprocess.run(["bash", path, "--help"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith(f"usage: {script} COMMAND")
+    assert "run " in out.stdout
+    bad = subprocess.run(["bash", path, "no-such-command"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage:" in bad.stderr
