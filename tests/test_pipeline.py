@@ -1,12 +1,14 @@
 """tf.data pipeline: batch contents, preprocessing parity, determinism, sharding and resume."""
 
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
 from tiny_tokenizer import save_tiny_tokenizer
 
 from pairuni_jax.data import pairug, pipeline
-from pairuni_jax.processing import JanusProcessor
+from pairuni_jax.processing import JanusProcessor, letterbox, preprocess_image
 
 N_PAIRS = 21
 SIZE, N_IMG = 32, 4
@@ -199,9 +201,35 @@ def test_image_broken_after_validation_names_file_line_field(processor, tmp_path
         list(p.iterator())
 
 
-def test_fast_resize_is_close_to_exact(tmp_path):
-    import io
+def encoded(image, fmt):
+    buf = io.BytesIO()
+    image.save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
 
+
+@pytest.mark.parametrize("mode, fmt", [
+    ("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("RGB", "PNG"), ("RGBA", "PNG"),
+    ("P", "PNG"), ("LA", "PNG"),
+])
+def test_decode_letterboxed_is_exactly_the_reference_letterbox(mode, fmt):
+    rng = np.random.default_rng(0)
+    for h, w in [(20, 90), (90, 20), (45, 45), (7, 13), (64, 48)]:  # up- and downscaled, tiny
+        pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        data = encoded(Image.fromarray(pixels).convert(mode), fmt)
+        with Image.open(io.BytesIO(data)) as im:
+            reference = letterbox(im, SIZE)
+        assert np.array_equal(pipeline.decode_letterboxed(data, SIZE), reference), (h, w)
+
+
+def test_scale_pixels_is_bit_identical_to_preprocess_image_for_every_byte():
+    every_byte = (np.arange(16 * 16 * 3) % 256).astype(np.uint8).reshape(16, 16, 3)
+    reference = preprocess_image(every_byte, 16)  # 16 x 16 at size 16: no resize, no padding
+    ours = pipeline.scale_pixels(every_byte)
+    assert ours.dtype == np.float32
+    assert np.array_equal(ours.view(np.uint32), reference.view(np.uint32))
+
+
+def test_fast_resize_is_close_to_exact():
     rng = np.random.default_rng(0)
     small = rng.integers(0, 256, size=(60, 80, 3), dtype=np.uint8)
     image = Image.fromarray(small).resize((1600, 1200), Image.Resampling.BILINEAR)
@@ -211,6 +239,8 @@ def test_fast_resize_is_close_to_exact(tmp_path):
     fast = pipeline.decode_letterboxed(buf.getvalue(), 384, fast=True).astype(np.float32)
     assert exact.shape == fast.shape == (384, 384, 3)
     assert 0 < np.abs(exact - fast).mean() < 2.0  # under 2 of 255 levels on average
+    assert np.array_equal(exact[:48], fast[:48]) and (fast[:48] == 127).all()  # same geometry
+    assert not (fast[48:336] == 127).all(axis=-1).all(axis=-1).any()  # image rows 48..335
     png = io.BytesIO()
     Image.fromarray(small).save(png, "PNG")  # nothing to gain below the target size: identical
     assert np.array_equal(pipeline.decode_letterboxed(png.getvalue(), 384),

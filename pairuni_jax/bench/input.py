@@ -1,15 +1,25 @@
 """Input pipeline throughput: pairs/s at 384x384 from JPEG files of mixed sizes.
 
-ours:      PairPipeline (tf.data, parallel decode + preprocessing, prefetch), P pairs per batch.
+ours:      PairPipeline (tf.data, parallel decode + preprocessing, prefetch), P pairs per batch,
+           with 1 decode thread and with one per core, exact and fast_resize.
 reference: the same work in a plain sequential Python loop (read, PIL decode, preprocess_image,
            tokenise, pad) — what a simple loader would do.
 Goal: >= 100 pairs/s on 2 cores, so input never stalls a TPU host.
-On a shared machine wall time understates what the code does, so the CPU time of the whole
-process (all threads) is reported too: pairs per CPU-second x cores bounds the rate on idle cores.
+
+On a shared machine wall time understates what the code does, so each run also reports
+  - CPU-s per pair: CPU time of all the process's threads over the pairs delivered;
+  - threads ready: (CPU time + time waiting for a core) / wall, summed over the process's threads
+    (Linux schedstat). A thread blocked on the GIL or idle is neither, so this is how many cores
+    the path keeps busy when it has them; with N decode threads it should be ~N.
+  - projected pairs/s on idle cores = min(threads ready, cores) / CPU-s per pair;
+  - the load average when the run ended.
+`--steps` adds the CPU cost of each step per image (decode, convert, resize, pad, scale).
 """
 
 from __future__ import annotations
 
+import glob
+import io
 import os
 import tempfile
 import time
@@ -19,15 +29,19 @@ from PIL import Image
 
 from pairuni_jax.bench.common import Record
 from pairuni_jax.data import pairug, pipeline
-from pairuni_jax.processing import SPECIAL_TOKENS, JanusProcessor, pad_left
+from pairuni_jax.processing import SPECIAL_TOKENS, JanusProcessor, pad_left, resized_size
 
 SIZES = [(640, 480), (1024, 768), (512, 512), (1280, 960), (480, 800), (1600, 1200), (800, 600)]
 
 
 def add_args(parser) -> None:
-    parser.add_argument("--pairs", type=int, default=768, help="pairs timed per run")
+    parser.add_argument("--pairs", type=int, default=384, help="pairs timed per pipeline run")
+    parser.add_argument("--reference-pairs", type=int, default=128, help="pairs timed sequentially")
     parser.add_argument("--files", type=int, default=48, help="distinct JPEG files")
     parser.add_argument("--batch", type=int, default=16, help="pairs per batch (P)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1],
+                        help="decode threads (num_parallel_calls) to run the pipeline with")
+    parser.add_argument("--steps", action="store_true", help="also time each step per image")
     parser.add_argument("--tokenizer", help="tokenizer dir (default: a small word-level one)")
 
 
@@ -71,8 +85,40 @@ def _dataset(root: str, n_pairs: int, n_files: int) -> str:
     return path
 
 
-def _reference(source: pipeline.JsonlPairSource, processor: JanusProcessor, n: int):
-    t0, c0 = time.perf_counter(), time.process_time()
+class Meter:
+    """CPU time, time waiting for a core, and wall time of this process between start and stop."""
+
+    def __init__(self):
+        self.start_wall, (self.start_cpu, self.start_wait) = time.perf_counter(), _schedstat()
+        self.start_process = time.process_time()
+
+    def stop(self, pairs: int) -> dict:
+        """Figures for `pairs` delivered since start; call before the threads that did the work
+        end (a thread's counters leave /proc with it)."""
+        wall = time.perf_counter() - self.start_wall
+        cpu, wait = _schedstat()
+        cpu, wait = cpu - self.start_cpu, wait - self.start_wait
+        if cpu <= 0:  # no schedstat: process CPU time, readiness unknown
+            cpu, wait = time.process_time() - self.start_process, float("nan")
+        return {"wall": pairs / wall, "cpu_per_pair": cpu / pairs,
+                "ready": (cpu + wait) / wall, "load": os.getloadavg()[0]}
+
+
+def _schedstat() -> tuple[float, float]:
+    """(CPU s, s runnable but waiting for a core) summed over this process's live threads."""
+    cpu = wait = 0
+    for path in glob.glob("/proc/self/task/*/schedstat"):
+        try:
+            with open(path) as f:
+                on_cpu, waiting = f.read().split()[:2]
+        except (OSError, ValueError):
+            continue  # the thread ended meanwhile
+        cpu, wait = cpu + int(on_cpu), wait + int(waiting)
+    return cpu / 1e9, wait / 1e9
+
+
+def _reference(source: pipeline.JsonlPairSource, processor: JanusProcessor, n: int) -> dict:
+    meter = Meter()
     for s in range(0, n, 16):
         pixels, und = [], []
         for i in range(s, min(s + 16, n)):
@@ -83,7 +129,7 @@ def _reference(source: pipeline.JsonlPairSource, processor: JanusProcessor, n: i
             und.append(processor.understanding_ids(rec.understand_ann.question))
         np.stack(pixels)
         pad_left(und, processor.pad_id)
-    return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
+    return meter.stop(n)
 
 
 def run(args) -> list[Record]:
@@ -94,38 +140,109 @@ def run(args) -> list[Record]:
         processor = JanusProcessor.from_pretrained(tok_dir, image_size=384, num_image_tokens=576)
         data = os.path.join(tmp, "data")
         os.makedirs(data)
-        source = pipeline.JsonlPairSource(_dataset(data, args.pairs, args.files))
-        rates = {fast: _pipeline_rate(source, processor, args.batch, fast) for fast in (0, 1)}
-        ref, ref_cpu = _reference(source, processor, min(args.pairs, 256))
-        fast_error = _fast_error(source, processor, args.files)
-    cores = os.cpu_count()
-    note = f"{cores} cores, P={args.batch}, JPEG sizes {SIZES}"
-    records = []
-    for fast, name in ((0, "exact preprocessing"), (1, "fast_resize")):
-        wall, cpu = rates[fast]
-        records += [
-            Record(f"{name}: pairs/s (wall)", wall, ref, "pairs/s", note=note),
-            Record(f"{name}: pairs per CPU-s", cpu, ref_cpu, "pairs/cpu-s",
-                   note=f"x {cores} cores = {cpu * cores:.0f} pairs/s on idle cores"),
-        ]
-    records[-1].note += f"; mean |pixel diff| vs exact {fast_error:.4f} (range [-1, 1])"
-    return records
+        source = pipeline.JsonlPairSource(_dataset(data, args.pairs + args.batch, args.files))
+        ref = _reference(source, processor, min(args.pairs, args.reference_pairs))
+        runs = {
+            (fast, threads): _pipeline_rate(source, processor, args.batch, fast, threads)
+            for fast in (False, True) for threads in args.threads
+        }
+        blobs = [source.understanding_image(i) for i in range(args.files)]
+        fast_error = _fast_error(blobs, processor.image_size)
+        steps = _steps(blobs, processor.image_size, args.batch) if args.steps else []
+    cores = os.cpu_count() or 1
+    records = [_record("reference (sequential loop)", ref, None, cores, 1)]
+    for (fast, threads), figures in runs.items():
+        name = f"{'fast_resize' if fast else 'exact'}, {threads} decode thread(s)"
+        records.append(_record(name, figures, ref, cores, args.batch))
+    records[-1].note += f"; fast_resize mean |pixel diff| vs exact {fast_error:.4f} (range [-1, 1])"
+    return records + steps
 
 
-def _pipeline_rate(source, processor, batch: int, fast: bool) -> tuple[float, float]:
-    config = pipeline.PipelineConfig(pairs_per_batch=batch, num_epochs=1, fast_resize=fast)
-    it = pipeline.PairPipeline(source, processor, config).iterator()
+def _record(name: str, f: dict, ref: dict | None, cores: int, batch: int) -> Record:
+    """One run as a Record: wall pairs/s; the note has the CPU figures (ratio: vs reference)."""
+    projected = min(f["ready"], cores) / f["cpu_per_pair"]
+    note = (f"{1e3 * f['cpu_per_pair']:.2f} ms CPU/pair, {f['ready']:.2f} threads ready -> "
+            f"{projected:.0f} pairs/s on {cores} idle cores; load {f['load']:.1f}; P={batch}")
+    if ref is not None:
+        note += f"; CPU/pair vs reference x{ref['cpu_per_pair'] / f['cpu_per_pair']:.2f} less"
+    return Record(f"{name}: pairs/s (wall)", f["wall"], ref and ref["wall"], "pairs/s", note=note)
+
+
+def _pipeline_rate(source, processor, batch: int, fast: bool, threads: int) -> dict:
+    config = pipeline.PipelineConfig(
+        pairs_per_batch=batch, num_epochs=1, fast_resize=fast, num_parallel_calls=threads
+    )
+    p = pipeline.PairPipeline(source, processor, config)
+    it = p.iterator()
     next(it)  # start-up (graph construction, first images) is not throughput
-    t0, c0 = time.perf_counter(), time.process_time()
-    n = sum(len(b["index"]) for b in it)
-    return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
+    meter = Meter()
+    n = sum(len(next(it)["index"]) for _ in range(p.batches_per_epoch - 1))
+    return meter.stop(n)  # before the epoch's end takes tf.data's threads (and counters) away
 
 
-def _fast_error(source, processor, n_files: int) -> float:
+def _fast_error(blobs: list[bytes], size: int) -> float:
     errors = []
-    for i in range(min(n_files, len(SIZES))):
-        data = source.understanding_image(i)
-        exact = pipeline.decode_letterboxed(data, processor.image_size).astype(np.float32)
-        fast = pipeline.decode_letterboxed(data, processor.image_size, fast=True)
+    for data in blobs[: len(SIZES)]:
+        exact = pipeline.decode_letterboxed(data, size).astype(np.float32)
+        fast = pipeline.decode_letterboxed(data, size, fast=True)
         errors.append(np.abs(exact - fast).mean() / 127.5)
     return float(np.mean(errors))
+
+
+class _Laps:
+    """Thread CPU time per named step, accumulated over calls of `lap`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.last = time.thread_time()
+
+    def lap(self, step: str) -> None:
+        now = time.thread_time()
+        self.seconds[step] = self.seconds.get(step, 0.0) + now - self.last
+        self.last = now
+
+
+def _steps(blobs: list[bytes], size: int, batch: int) -> list[Record]:
+    """CPU ms per image of each step of decode_letterboxed (one thread), exact and fast, and of
+    the float scaling per batch in TF."""
+    import tensorflow as tf
+
+    pixels = tf.constant(np.zeros((batch, size, size, 3), np.uint8))  # [P, S, S, 3]
+    scale = tf.function(lambda x: (tf.cast(x, tf.float32) / 255.0 - 0.5) / 0.5)
+    scale(pixels)
+    start = time.process_time()
+    for _ in range(4):
+        scale(pixels).numpy()
+    scale_ms = 1e3 * (time.process_time() - start) / 4 / batch
+    records = []
+    for fast in (False, True):
+        laps = _Laps()
+        for data in blobs:
+            with Image.open(io.BytesIO(data)) as im:
+                width, height = resized_size(*im.size, size)
+                if fast:
+                    im.draft("RGB", (width, height))
+                im.load()
+                laps.lap("decode")
+                image = im if im.mode == "RGB" else im.convert("RGB")
+                laps.lap("convert")
+                im.convert("RGB")  # what processing.letterbox does: a copy of an RGB image
+                laps.lap("reference convert")
+                small = image.resize((width, height), Image.Resampling.BICUBIC)
+                laps.lap("resize")
+            square = np.empty((size, size, 3), np.uint8)  # as decode_letterboxed
+            square[...] = 127
+            top, left = (size - height) // 2, (size - width) // 2
+            square[top : top + height, left : left + width] = np.asarray(small)
+            laps.lap("pad")
+        ms = {step: 1e3 * seconds / len(blobs) for step, seconds in laps.seconds.items()}
+        mode = "fast_resize" if fast else "exact"
+        for step in ("decode", "convert", "resize", "pad"):
+            note = "one thread"
+            if step == "convert":
+                copy = ms["reference convert"]
+                note += f"; skipped for RGB, processing.letterbox copies ({copy:.2f} ms)"
+            records.append(Record(f"{mode} step: {step}", ms[step], None, "ms CPU/img", note=note))
+    records.append(Record("step: scale to float32 (TF, per batch)", scale_ms, None, "ms CPU/img",
+                          note=f"P={batch}, TF's threads"))
+    return records
