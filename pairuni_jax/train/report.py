@@ -97,13 +97,25 @@ def eval_points(logs: Mapping[str, StageLog]) -> list[tuple[str, dict[str, float
 
 def accuracy_table(points: Sequence[tuple[str, dict[str, float]]], task: str) -> str:
     """Rows: overall then categories (and other scalars) of a task; columns: eval points."""
-    keys = sorted({k for _, m in points for k in m if k.startswith(f"{task}/")})
-    overall = [k for k in keys if k.endswith("/acc_overall")]
-    cats = [k for k in keys if k.startswith(f"{task}/acc_") and k not in overall]
-    rest = [k for k in keys if k not in overall and k not in cats]
-    rows = [[k.split("/", 1)[1].removeprefix("acc_")] + [m.get(k) for _, m in points]
-            for k in overall + cats + rest]
+    keys = sorted({k for _, m in points for k in m if k.startswith(f"{task}/")},
+                  key=lambda k: (_order(k), k))
+    rows = [[_label(k)] + [m.get(k) for _, m in points] for k in keys]
     return markdown_table(["category"] + [label for label, _ in points], rows)
+
+
+SUMMARY_METRICS = ("overall", "constraints")  # not categories: listed first, drawn in black
+
+
+def _label(key: str) -> str:
+    return key.split("/", 1)[1].removeprefix("acc_")  # "gen/acc_colors" -> "colors"
+
+
+def _order(key: str) -> int:
+    """Summary accuracies first, then categories, then anything else the evaluator reported."""
+    label = _label(key)
+    if label in SUMMARY_METRICS:
+        return SUMMARY_METRICS.index(label)
+    return len(SUMMARY_METRICS) + (not key.split("/", 1)[1].startswith("acc_"))
 
 
 def _last(log: StageLog, key: str) -> float | None:
@@ -118,8 +130,9 @@ def summary_rows(workdir: str, stage_names: Sequence[str], logs: Mapping[str, St
         result = load_result(workdir, name)
         log = logs.get(name)
         steps = max(log.train) if log is not None and log.train else None
+        seconds = result.get("seconds") if result else None
         row = [name, "done" if result else "not finished", steps,
-               result.get("seconds") if result else None]
+               None if seconds is None else f"{seconds:.1f}"]
         if log is not None and name == "rl":
             row += [_last(log, "und/reward_mean"), _last(log, "gen/reward_mean"),
                     sum(1 for r in log.train.values() if (r.get("skipped") or 0) > 0)]
@@ -176,12 +189,12 @@ def plot_evals(logs: Mapping[str, StageLog], path: str) -> str | None:
             ax = axes[row, col]
             keys = sorted({k for m in log.evals.values() for k in m
                            if k.startswith(f"{task}/acc_")})
-            for key in keys:
+            for key in sorted(keys, key=lambda k: (_order(k), k)):
                 values = [log.evals[s].get(key, np.nan) for s in steps]
-                overall = key.endswith("_overall")
-                ax.plot(steps, values, marker="o", lw=2.5 if overall else 1,
-                        color="k" if overall else None, alpha=1 if overall else 0.7,
-                        label=key.split("/", 1)[1].removeprefix("acc_"))
+                summary = _label(key) in SUMMARY_METRICS
+                ax.plot(steps, values, marker="o", lw=2.5 if summary else 1,
+                        color="k" if summary else None, alpha=1 if summary else 0.7,
+                        ls=":" if _label(key) == "constraints" else "-", label=_label(key))
             ax.set_title(f"{stage.upper()}: held-out {TASK_NAMES[task]} accuracy")
             ax.set_xlabel(f"{stage.upper()} step")
             ax.set_ylim(-0.02, 1.02)
@@ -209,10 +222,10 @@ def write_report(workdir: str, stage_names: Sequence[str] = ("world", "vq", "sft
     points = eval_points(logs)
     if points:
         lines += ["## Held-out accuracy", "",
-                  "Understanding: greedy multiple-choice accuracy by question tag. Generation: "
-                  "strict GenEval-style accuracy by prompt category (`overall` = mean over "
-                  "categories, `constraints` = mean fraction of constraints met). Columns: every "
-                  "evaluation, by stage and step.", ""]
+                  "Understanding: greedy multiple-choice accuracy by question tag (`overall`: over "
+                  "all questions). Generation: strict GenEval-style accuracy by prompt category "
+                  "(`overall`: mean over categories; `constraints`: mean fraction of a prompt's "
+                  "constraints met). Columns: every evaluation, by stage and step.", ""]
         for task, name in TASK_NAMES.items():
             lines += [f"### {name.capitalize()}", "", accuracy_table(points, task), ""]
     lines += ["## Training summary", "",
