@@ -13,7 +13,7 @@ On a shared machine wall time understates what the code does, so each run also r
     the path keeps busy when it has them; with N decode threads it should be ~N.
   - projected pairs/s on idle cores = min(threads ready, cores) / CPU-s per pair;
   - the load average when the run ended.
-`--steps` adds the CPU cost of each step per image (decode, convert, resize, pad, scale).
+`--steps` adds the CPU cost of each step per image (decode, convert, resize, letterbox + scale).
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def run(args) -> list[Record]:
         }
         blobs = [source.understanding_image(i) for i in range(args.files)]
         fast_error = _fast_error(blobs, processor.image_size)
-        steps = _steps(blobs, processor.image_size, args.batch) if args.steps else []
+        steps = _steps(blobs, processor.image_size) if args.steps else []
     cores = os.cpu_count() or 1
     records = [_record("reference (sequential loop)", ref, None, cores, 1)]
     for (fast, threads), figures in runs.items():
@@ -183,9 +183,8 @@ def _pipeline_rate(source, processor, batch: int, fast: bool, threads: int) -> d
 def _fast_error(blobs: list[bytes], size: int) -> float:
     errors = []
     for data in blobs[: len(SIZES)]:
-        exact = pipeline.decode_letterboxed(data, size).astype(np.float32)
-        fast = pipeline.decode_letterboxed(data, size, fast=True)
-        errors.append(np.abs(exact - fast).mean() / 127.5)
+        exact = pipeline.decode_pixels(data, size)
+        errors.append(np.abs(exact - pipeline.decode_pixels(data, size, fast=True)).mean())
     return float(np.mean(errors))
 
 
@@ -202,18 +201,9 @@ class _Laps:
         self.last = now
 
 
-def _steps(blobs: list[bytes], size: int, batch: int) -> list[Record]:
-    """CPU ms per image of each step of decode_letterboxed (one thread), exact and fast, and of
-    the float scaling per batch in TF."""
-    import tensorflow as tf
-
-    pixels = tf.constant(np.zeros((batch, size, size, 3), np.uint8))  # [P, S, S, 3]
-    scale = tf.function(lambda x: (tf.cast(x, tf.float32) / 255.0 - 0.5) / 0.5)
-    scale(pixels)
-    start = time.process_time()
-    for _ in range(4):
-        scale(pixels).numpy()
-    scale_ms = 1e3 * (time.process_time() - start) / 4 / batch
+def _steps(blobs: list[bytes], size: int) -> list[Record]:
+    """CPU ms per image of each step of pipeline.decode_pixels (one thread), exact and fast, next
+    to what processing.preprocess_image spends on the steps it does differently."""
     records = []
     for fast in (False, True):
         laps = _Laps()
@@ -226,23 +216,24 @@ def _steps(blobs: list[bytes], size: int, batch: int) -> list[Record]:
                 laps.lap("decode")
                 image = im if im.mode == "RGB" else im.convert("RGB")
                 laps.lap("convert")
-                im.convert("RGB")  # what processing.letterbox does: a copy of an RGB image
-                laps.lap("reference convert")
                 small = image.resize((width, height), Image.Resampling.BICUBIC)
                 laps.lap("resize")
-            square = np.empty((size, size, 3), np.uint8)  # as decode_letterboxed
-            square[...] = 127
-            top, left = (size - height) // 2, (size - width) // 2
-            square[top : top + height, left : left + width] = np.asarray(small)
-            laps.lap("pad")
+                square = np.empty((size, size, 3), np.float32)  # as decode_pixels
+                square[...] = -1.0
+                top, left = (size - height) // 2, (size - width) // 2
+                pipeline.scale_pixels(np.asarray(small),
+                                      out=square[top : top + height, left : left + width])
+                laps.lap("letterbox + scale")
+                im.convert("RGB")  # processing.letterbox converts always: a copy of an RGB image
+                laps.lap("reference convert")
+                padded = Image.new("RGB", (size, size), (127, 127, 127))
+                padded.paste(small, (left, top))
+                (np.asarray(padded).astype(np.float32) / 255.0 - 0.5) / 0.5
+                laps.lap("reference letterbox + scale")
         ms = {step: 1e3 * seconds / len(blobs) for step, seconds in laps.seconds.items()}
         mode = "fast_resize" if fast else "exact"
-        for step in ("decode", "convert", "resize", "pad"):
-            note = "one thread"
-            if step == "convert":
-                copy = ms["reference convert"]
-                note += f"; skipped for RGB, processing.letterbox copies ({copy:.2f} ms)"
-            records.append(Record(f"{mode} step: {step}", ms[step], None, "ms CPU/img", note=note))
-    records.append(Record("step: scale to float32 (TF, per batch)", scale_ms, None, "ms CPU/img",
-                          note=f"P={batch}, TF's threads"))
+        for step in ("decode", "convert", "resize", "letterbox + scale"):
+            reference = ms.get(f"reference {step}")
+            records.append(Record(f"{mode} step: {step}", ms[step], reference, "ms CPU/img",
+                                  note="one thread; reference: as processing.preprocess_image"))
     return records

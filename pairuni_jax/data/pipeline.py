@@ -1,8 +1,8 @@
 """The tf.data input pipeline: PairUG pairs -> batches of P pairs as dicts of numpy arrays.
 
     source (JSONL or TFDS) -> per-epoch permutation (seed, epoch) -> this host's shard
-      -> tf.data, parallel and order-preserving: decode + letterbox in PIL, scale to [-1, 1] in
-         numpy (GIL released; together exactly JanusProcessor.preprocess_image; tested)
+      -> tf.data, parallel and order-preserving: decode + resize in PIL, letterbox and scale to
+         [-1, 1] in numpy (GIL released; exactly JanusProcessor.preprocess_image; tested)
       -> batch P -> prefetch
       -> tokenise with the chat templates, left-pad to length buckets -> batch dict
 
@@ -126,19 +126,20 @@ class PipelineConfig:
     fast_resize: bool = False
 
 
-def decode_letterboxed(data: bytes, size: int, *, fast: bool = False) -> np.ndarray:
-    """Encoded image -> uint8 [size, size, 3], exactly `processing.letterbox` of the decoded
-    image (tested on RGB, grey, palette and RGBA files); `scale_pixels` of it is exactly
-    JanusProcessor.preprocess_image.
+def decode_pixels(data: bytes, size: int, *, fast: bool = False) -> np.ndarray:
+    """Encoded image -> float32 [size, size, 3] in [-1, 1]: exactly
+    JanusProcessor.preprocess_image of the decoded file (bit-identical; tested on RGB, grey,
+    CMYK, palette and RGBA files).
 
-    It is processing.letterbox with two copies removed, about 5% of the CPU per image: RGB
-    images skip the no-op `convert("RGB")` (a full-size copy), and the resized image goes
-    straight into a numpy square instead of through PIL's paste and `np.asarray`. Decode, convert
-    and resize run in PIL with the GIL released, so several threads do this at once.
+    The same steps as processing.letterbox, without its copies: RGB images skip the no-op
+    `convert("RGB")` (a full-size copy) and the resized image is scaled straight into its place
+    in the float square, instead of pasted on a uint8 square by PIL, copied out by `np.asarray`
+    and then scaled whole. Decode, convert, resize (PIL) and the scaling (numpy) run with the
+    GIL released, so several threads do this at once.
 
     `fast`: JPEGs are decoded at 1/2, 1/4 or 1/8 scale (DCT scaling) as long as both sides stay
     at least the letterboxed size, then resized to the same geometry; pixels differ slightly
-    from the exact path (`bench input` reports by how much) and the decode is much cheaper.
+    from the exact path (`bench input` reports by how much) and the work is about halved.
     """
     with Image.open(io.BytesIO(data)) as im:
         width, height = resized_size(*im.size, size)  # of the full image, also when `fast`
@@ -146,19 +147,22 @@ def decode_letterboxed(data: bytes, size: int, *, fast: bool = False) -> np.ndar
             im.draft("RGB", (width, height))  # JPEG only; other formats decode at full size
         image = im if im.mode == "RGB" else im.convert("RGB")
         small = image.resize((width, height), Image.Resampling.BICUBIC)  # decodes, [h, w]
-    square = np.empty((size, size, 3), np.uint8)  # [S, S, 3]
-    square[...] = PAD_COLOUR
+    square = np.empty((size, size, 3), np.float32)  # [S, S, 3]
+    square[...] = _PAD_PIXEL
     top, left = (size - height) // 2, (size - width) // 2
-    square[top : top + height, left : left + width] = np.asarray(small)
+    scale_pixels(np.asarray(small), out=square[top : top + height, left : left + width])
     return square
 
 
-def scale_pixels(pixels: np.ndarray) -> np.ndarray:
-    """uint8 [..., 3] -> float32 in [-1, 1], bit-identical to preprocess_image's
-    `(x / 255 - 0.5) / 0.5` for every byte value (tested) in two in-place passes instead of
-    three allocating ones; per image it stays in cache, about 3x cheaper than scaling a batch."""
-    out = np.divide(pixels, np.float32(127.5), dtype=np.float32)
+def scale_pixels(pixels: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 [..., 3] -> float32 in [-1, 1] (into `out` if given), bit-identical to
+    preprocess_image's `(x / 255 - 0.5) / 0.5` for every byte value (tested), in two in-place
+    passes instead of three allocating ones."""
+    out = np.divide(pixels, np.float32(127.5), out=out, dtype=np.float32)
     return np.subtract(out, np.float32(1.0), out=out)
+
+
+_PAD_PIXEL = scale_pixels(np.array(PAD_COLOUR, np.uint8))  # float32 [3]
 
 
 def bucket_length(length: int, buckets: Sequence[int] | None, multiple: int, what: str) -> int:
@@ -210,8 +214,8 @@ class PairPipeline:
     def _image_dataset(self, indices: np.ndarray):
         """tf.data over `indices` yielding (index [P], pixels [P, S, S, 3]) batches, in order.
 
-        Each image is decoded, letterboxed and scaled in tf.data's thread pool; PIL and numpy
-        release the GIL for nearly all of it, so the threads run at once.
+        Each image is decoded, letterboxed and scaled by `decode_pixels` in tf.data's thread
+        pool; PIL and numpy release the GIL for nearly all of it, so the threads run at once.
         """
         import tensorflow as tf
 
@@ -220,7 +224,7 @@ class PairPipeline:
         def load(index):  # runs in tf.data's thread pool
             try:
                 data = source.understanding_image(int(index))
-                return scale_pixels(decode_letterboxed(data, size, fast=c.fast_resize))
+                return decode_pixels(data, size, fast=c.fast_resize)  # [S, S, 3]
             except Exception as e:
                 rel = source.record(int(index)).understand_ann.image_path
                 raise ValueError(
