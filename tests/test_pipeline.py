@@ -211,14 +211,14 @@ def encoded(image, fmt):
     ("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("RGB", "PNG"), ("RGBA", "PNG"),
     ("P", "PNG"), ("LA", "PNG"),
 ])
-def test_decode_pixels_is_bit_identical_to_preprocess_image(mode, fmt):
+def test_preprocess_encoded_is_bit_identical_to_preprocess_image(mode, fmt):
     rng = np.random.default_rng(0)
     for h, w in [(20, 90), (90, 20), (45, 45), (7, 13), (64, 48)]:  # up- and downscaled, tiny
         pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
         data = encoded(Image.fromarray(pixels).convert(mode), fmt)
         with Image.open(io.BytesIO(data)) as im:
             reference = preprocess_image(im, SIZE)
-        ours = pipeline.decode_pixels(data, SIZE)
+        ours = pipeline.preprocess_encoded(data, SIZE)
         assert ours.dtype == np.float32
         assert np.array_equal(ours.view(np.uint32), reference.view(np.uint32)), (h, w)
 
@@ -237,8 +237,8 @@ def test_fast_resize_is_close_to_exact():
     image = Image.fromarray(small).resize((1600, 1200), Image.Resampling.BILINEAR)
     buf = io.BytesIO()
     image.save(buf, "JPEG", quality=90)
-    exact = pipeline.decode_pixels(buf.getvalue(), 384)
-    fast = pipeline.decode_pixels(buf.getvalue(), 384, fast=True)
+    exact = pipeline.preprocess_encoded(buf.getvalue(), 384)
+    fast = pipeline.preprocess_encoded(buf.getvalue(), 384, fast=True)
     assert exact.shape == fast.shape == (384, 384, 3)
     assert 0 < np.abs(exact - fast).mean() < 2 / 127.5  # under 2 of 255 levels on average
     pad = exact[0, 0]
@@ -246,5 +246,5 @@ def test_fast_resize_is_close_to_exact():
     assert not (fast[48:336] == pad).all(axis=(1, 2)).any()  # image rows 48..335
     png = io.BytesIO()
     Image.fromarray(small).save(png, "PNG")  # nothing to gain below the target size: identical
-    assert np.array_equal(pipeline.decode_pixels(png.getvalue(), 384),
-                          pipeline.decode_pixels(png.getvalue(), 384, fast=True))
+    assert np.array_equal(pipeline.preprocess_encoded(png.getvalue(), 384),
+                          pipeline.preprocess_encoded(png.getvalue(), 384, fast=True))

@@ -183,8 +183,8 @@ def _pipeline_rate(source, processor, batch: int, fast: bool, threads: int) -> d
 def _fast_error(blobs: list[bytes], size: int) -> float:
     errors = []
     for data in blobs[: len(SIZES)]:
-        exact = pipeline.decode_pixels(data, size)
-        errors.append(np.abs(exact - pipeline.decode_pixels(data, size, fast=True)).mean())
+        exact = pipeline.preprocess_encoded(data, size)
+        errors.append(np.abs(exact - pipeline.preprocess_encoded(data, size, fast=True)).mean())
     return float(np.mean(errors))
 
 
@@ -202,8 +202,8 @@ class _Laps:
 
 
 def _steps(blobs: list[bytes], size: int) -> list[Record]:
-    """CPU ms per image of each step of pipeline.decode_pixels (one thread), exact and fast, next
-    to what processing.preprocess_image spends on the steps it does differently."""
+    """CPU ms per image of each step of pipeline.preprocess_encoded (one thread), exact and
+    fast, next to what processing.preprocess_image spends on the steps it does differently."""
     records = []
     for fast in (False, True):
         laps = _Laps()
@@ -218,7 +218,7 @@ def _steps(blobs: list[bytes], size: int) -> list[Record]:
                 laps.lap("convert")
                 small = image.resize((width, height), Image.Resampling.BICUBIC)
                 laps.lap("resize")
-                square = np.empty((size, size, 3), np.float32)  # as decode_pixels
+                square = np.empty((size, size, 3), np.float32)  # as preprocess_encoded
                 square[...] = -1.0
                 top, left = (size - height) // 2, (size - width) // 2
                 pipeline.scale_pixels(np.asarray(small),

@@ -126,7 +126,7 @@ class PipelineConfig:
     fast_resize: bool = False
 
 
-def decode_pixels(data: bytes, size: int, *, fast: bool = False) -> np.ndarray:
+def preprocess_encoded(data: bytes, size: int, *, fast: bool = False) -> np.ndarray:
     """Encoded image -> float32 [size, size, 3] in [-1, 1]: exactly
     JanusProcessor.preprocess_image of the decoded file (bit-identical; tested on RGB, grey,
     CMYK, palette and RGBA files).
@@ -214,7 +214,7 @@ class PairPipeline:
     def _image_dataset(self, indices: np.ndarray):
         """tf.data over `indices` yielding (index [P], pixels [P, S, S, 3]) batches, in order.
 
-        Each image is decoded, letterboxed and scaled by `decode_pixels` in tf.data's thread
+        Each image is decoded, letterboxed and scaled by `preprocess_encoded` in tf.data's thread
         pool; PIL and numpy release the GIL for nearly all of it, so the threads run at once.
         """
         import tensorflow as tf
@@ -224,7 +224,7 @@ class PairPipeline:
         def load(index):  # runs in tf.data's thread pool
             try:
                 data = source.understanding_image(int(index))
-                return decode_pixels(data, size, fast=c.fast_resize)  # [S, S, 3]
+                return preprocess_encoded(data, size, fast=c.fast_resize)  # [S, S, 3]
             except Exception as e:
                 rel = source.record(int(index)).understand_ann.image_path
                 raise ValueError(
