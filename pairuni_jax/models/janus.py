@@ -68,6 +68,13 @@ from pairuni_jax.models.vq import VQModel
 Params = dict[str, Any]
 
 
+def _over_rows(layer, x: jax.Array) -> jax.Array:
+    """layer applied to x [..., D] flattened to rows [N, D]: a trainable Dense then has a weight
+    gradient that is one plain matrix product (see llama.MLP for why that matters on CPU)."""
+    y = layer(x.reshape(-1, x.shape[-1]))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 class GenerationHead(nn.Module):
     """Image-token logits from the final-normed LM hidden state: Linear, GELU, Linear."""
 
@@ -102,7 +109,7 @@ class Janus(nn.Module):
         self.lm_head = nn.Dense(c.text.vocab_size, use_bias=False, **kw)
 
     def image_features(self, pixels):
-        return self.aligner(self.vision_model(pixels))
+        return _over_rows(self.aligner, self.vision_model(pixels))
 
     def embed_tokens(self, ids):
         return self.language_model.embed(ids)
@@ -111,13 +118,13 @@ class Janus(nn.Module):
         return self.language_model(embeds, mask, cache)
 
     def text_logits(self, h):
-        return self.lm_head(h).astype(jnp.float32)
+        return _over_rows(self.lm_head, h).astype(jnp.float32)
 
     def image_logits(self, h):
-        return self.generation_head(h).astype(jnp.float32)
+        return _over_rows(self.generation_head, h).astype(jnp.float32)
 
     def image_token_embeds(self, codes):
-        return self.generation_aligner(self.generation_embeddings(codes))
+        return _over_rows(self.generation_aligner, self.generation_embeddings(codes))
 
     def vq_encode(self, pixels, normalize):
         return self.vqmodel.encode(pixels, normalize)

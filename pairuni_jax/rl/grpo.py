@@ -136,9 +136,15 @@ def pair_advantages(
 
 
 def token_log_probs(logits: Array, targets: Array) -> Array:
-    """log softmax(logits)[target], in fp32. logits [..., V], targets [...] -> [...]."""
+    """log softmax(logits)[target], in fp32. logits [..., V], targets [...] -> [...].
+
+    The target logit is picked by a masked sum over the vocabulary rather than a gather: its
+    gradient is then an elementwise select that fuses with the softmax's, instead of a scatter.
+    """
     logits = logits.astype(jnp.float32)
-    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    hit = vocab == targets[..., None].astype(jnp.int32)  # [..., V]
+    picked = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
