@@ -60,6 +60,11 @@ def test_command_line_overrides_reach_the_rl_config():
         pairug_job.validate(load("", "--config.rl.group_size=1"))
     with pytest.raises(pairug_job.ConfigError, match=r"config\.rl.*pair_weighting"):
         pairug_job.build_rl_config(load("", "--config.rl.pair_weighting=cube"))
+    with pytest.raises(pairug_job.ConfigError, match=r"config\.rl\.pairs_per_batch: 12 pairs .* 8"):
+        pairug_job.make_mesh(load("", "--config.rl.pairs_per_batch=12"))  # 8 devices
+    with pytest.raises(pairug_job.ConfigError, match=r"config\.mesh: .*needs 6 devices"):
+        pairug_job.make_mesh(load("", "--config.mesh.fsdp=3", "--config.mesh.tensor=2"))
+    assert dict(pairug_job.make_mesh(load()).shape) == {"data": 1, "fsdp": 8, "tensor": 1}
     with pytest.raises(pairug_job.ConfigError, match=r"config\.reward\.generation"):
         pairug_job.validate(load("", "--config.reward.generation=pickscore"))
 
@@ -72,6 +77,8 @@ def test_missing_weights_say_how_to_get_them(tmp_path, monkeypatch):
         pairug_job.resolve_weights(missing)
     assert missing in str(e.value) and "huggingface-cli download" in str(e.value)
     assert "configs/shapes.py" in str(e.value)
+    with pytest.raises(pairug_job.WeightsNotFound, match="no config.json"):
+        pairug_job.resolve_weights(str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
@@ -155,17 +162,16 @@ def write_pairs(root, n: int, seed: int = 0) -> tuple[str, str]:
 def test_two_pair_grpo_steps_on_a_tiny_janus(torch, tmp_path):
     model_dir = tiny_janus_dir(torch, tmp_path / "janus")
     clip_dir, bpe = tiny_clip_dir(torch, tmp_path / "clip")
-    pairs, heldout = write_pairs(tmp_path / "data", n=4)
+    pairs, heldout = write_pairs(tmp_path / "data", n=8)
     workdir = str(tmp_path / "run")
     c = load(
         "", f"--config.model.path={model_dir}", "--config.model.dtype=float32",
         "--config.model.compute_dtype=float32", f"--config.data.path={pairs}",
         "--config.data.bucket_multiple=16", "--config.reward.generation=clip",
         f"--config.reward.clip_path={clip_dir}", f"--config.reward.clip_tokenizer={bpe}",
-        "--config.rl.steps=2", "--config.rl.pairs_per_batch=2", "--config.rl.group_size=2",
+        "--config.rl.steps=2", "--config.rl.pairs_per_batch=8", "--config.rl.group_size=2",
         "--config.rl.max_new_tokens=3", "--config.rl.checkpoint_every=1",
         f"--config.eval.understanding={heldout}", "--config.eval.batch_size=4",
-        "--config.mesh.data=-1", "--config.mesh.fsdp=1",
     )
     summary = run.run(c, workdir)
 

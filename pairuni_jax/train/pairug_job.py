@@ -24,14 +24,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 from PIL import Image
 
 from pairuni_jax import checkpoints, rollout
 from pairuni_jax.data import pairug
 from pairuni_jax.data import pipeline as pipeline_lib
 from pairuni_jax.data.shapes_eval import mc_accuracy
+from pairuni_jax.models import janus
 from pairuni_jax.models import lora as lora_lib
-from pairuni_jax.models.configs import JanusConfig
+from pairuni_jax.models.configs import JanusConfig, from_hf_config
 from pairuni_jax.processing import JanusProcessor, letterbox
 from pairuni_jax.rl.rewards import build_generation_reward, extract_choice, parse_generation_spec
 from pairuni_jax.train import rl as rl_lib
@@ -93,8 +95,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
              f"the global batch {r.pairs_per_batch} must divide over {hosts} hosts")
     for field in ("learning_rate", "temperature"):
         _require(r[field] > 0, f"rl.{field}", f"{r[field]} must be > 0")
-    _require(r.guidance >= 0 and r.eval_every >= 0 and r.beta >= 0, "rl",
-             "guidance, eval_every and beta must be >= 0")
+    for field in ("guidance", "beta", "eval_every", "warmup_steps", "format_weight"):
+        _require(r[field] >= 0, f"rl.{field}", f"{r[field]} must be >= 0")
     _require(lo.rank >= 0, "lora.rank", f"{lo.rank}: 0 (full fine-tuning) or a positive rank")
     try:
         weights = parse_generation_spec(config.reward.generation)
@@ -124,12 +126,13 @@ def _require_file(path: str, field: str, how: str) -> None:
 def resolve_weights(path_or_hub_id: str) -> str:
     """The checkpoint directory: `path_or_hub_id` itself, or its Hub snapshot (downloaded once,
     then read from the Hugging Face cache). Raises WeightsNotFound saying how to get them."""
+    known = path_or_hub_id.startswith(("deepseek-ai/", "deepseek-community/"))
+    hub_id = path_or_hub_id if known else "deepseek-ai/Janus-Pro-1B"  # what to suggest
+    local = f"weights/{hub_id.split('/')[-1]}"
     how = (
-        f"Get the weights on a machine with network: `huggingface-cli download "
-        f"{path_or_hub_id if HUB_ID.fullmatch(path_or_hub_id) else 'deepseek-ai/Janus-Pro-1B'} "
-        "--local-dir weights/Janus-Pro-1B` (the transformers-format copies are "
-        "deepseek-community/Janus-Pro-1B and -7B), then pass --config.model.path=weights/"
-        f"Janus-Pro-1B. {EMBEDDED_DEFAULT}"
+        f"Get the weights on a machine with network: `huggingface-cli download {hub_id} "
+        f"--local-dir {local}` (transformers-format copies: deepseek-community/Janus-Pro-1B and "
+        f"-7B), then pass --config.model.path={local}. {EMBEDDED_DEFAULT}"
     )
     if os.path.isdir(path_or_hub_id):
         if not os.path.exists(os.path.join(path_or_hub_id, "config.json")):
@@ -161,6 +164,21 @@ def open_pairs(data: ml_collections.ConfigDict) -> pipeline_lib.PairSource:
             f"pairs.jsonl. {EMBEDDED_DEFAULT}")
     return pipeline_lib.open_source(data.path, root=data.image_root or None,
                                     on_error=data.on_error)
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
+    """The ('data', 'fsdp', 'tensor') mesh over all devices; the global batch of pairs must split
+    evenly over its batch axes ('data', 'fsdp')."""
+    try:
+        mesh = sharding.make_mesh(**config.mesh)
+    except ValueError as e:
+        raise ConfigError(f"config.mesh: {e}") from None
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    _require(config.rl.pairs_per_batch % shards == 0, "rl.pairs_per_batch",
+             f"{config.rl.pairs_per_batch} pairs do not split over the mesh's {shards} batch "
+             f"shards (data x fsdp of {dict(mesh.shape)}): use a multiple of {shards}, or move "
+             "devices to config.mesh.tensor")
+    return mesh
 
 
 def lora_config(lo: ml_collections.ConfigDict) -> lora_lib.LoraConfig | None:
@@ -257,11 +275,19 @@ class UnderstandingEvaluator:
 # ----------------------------------------------------------------------------- the job
 
 
-def load_model(config: ml_collections.ConfigDict, directory: str):
-    """(model config, params, processor) from a checkpoint directory of either format."""
+def load_model(config: ml_collections.ConfigDict, directory: str, mesh: Mesh | None):
+    """(model config, params, processor) from a checkpoint directory of either format. With a
+    mesh, params are placed by sharding.JANUS_RULES, each tensor straight to its devices, so a
+    model larger than one device's memory loads."""
     m = config.model
+    with open(os.path.join(directory, "config.json")) as f:
+        model_config = from_hf_config(json.load(f), param_dtype=jnp.dtype(m.dtype).name,
+                                      dtype=jnp.dtype(m.compute_dtype).name)
+    shardings = None if mesh is None else sharding.param_shardings(
+        janus.param_shapes(model_config), sharding.JANUS_RULES, mesh)
     model_config, params = checkpoints.load_janus(directory, dtype=m.dtype,
-                                                  compute_dtype=m.compute_dtype)
+                                                  compute_dtype=m.compute_dtype,
+                                                  shardings=shardings)
     processor = JanusProcessor.from_pretrained(
         directory, image_size=model_config.vision.image_size,
         num_image_tokens=model_config.vision.num_tokens)
@@ -286,20 +312,19 @@ def run_pairug(config: ml_collections.ConfigDict, workdir: str, *,
     directory = resolve_weights(config.model.path)
     source = open_pairs(config.data)
     cfg = build_rl_config(config)
-    try:
-        mesh = sharding.make_mesh(**config.mesh)
-    except ValueError as e:
-        raise ConfigError(f"config.mesh: {e}") from None
+    mesh = make_mesh(config)
     log(f"pairug: weights {directory}; {len(source)} pairs from {source.name}; mesh "
         f"{dict(mesh.shape)}")
 
-    model_config, params, processor = load_model(config, directory)
+    model_config, params, processor = load_model(config, directory, None)
     r = config.rl
     pipeline = pipeline_lib.PairPipeline(source, processor, pipeline_lib.PipelineConfig(
         pairs_per_batch=r.pairs_per_batch // jax.process_count(), seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
         bucket_multiple=config.data.bucket_multiple, fast_resize=config.data.fast_resize))
-    reward = build_generation_reward(config.reward.to_dict(), mesh=mesh)
+    # Each host scores its own rollouts: the reward's mesh is this host's devices.
+    local_mesh = sharding.make_mesh(devices=jax.local_devices())
+    reward = build_generation_reward(config.reward.to_dict(), mesh=local_mesh)
     evaluate = None
     if config.eval.understanding:
         e = config.eval
