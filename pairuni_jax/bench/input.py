@@ -39,7 +39,7 @@ def add_args(parser) -> None:
     parser.add_argument("--reference-pairs", type=int, default=128, help="pairs timed sequentially")
     parser.add_argument("--files", type=int, default=48, help="distinct JPEG files")
     parser.add_argument("--batch", type=int, default=16, help="pairs per batch (P)")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1],
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, pipeline.available_cores()],
                         help="decode threads (num_parallel_calls) to run the pipeline with")
     parser.add_argument("--steps", action="store_true", help="also time each step per image")
     parser.add_argument("--tokenizer", help="tokenizer dir (default: a small word-level one)")
@@ -149,7 +149,7 @@ def run(args) -> list[Record]:
         blobs = [source.understanding_image(i) for i in range(args.files)]
         fast_error = _fast_error(blobs, processor.image_size)
         steps = _steps(blobs, processor.image_size) if args.steps else []
-    cores = os.cpu_count() or 1
+    cores = pipeline.available_cores()
     records = [_record("reference (sequential loop)", ref, None, cores, 1)]
     for (fast, threads), figures in runs.items():
         name = f"{'fast_resize' if fast else 'exact'}, {threads} decode thread(s)"

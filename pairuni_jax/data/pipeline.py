@@ -165,6 +165,13 @@ def scale_pixels(pixels: np.ndarray, out: np.ndarray | None = None) -> np.ndarra
 _PAD_PIXEL = scale_pixels(np.array(PAD_COLOUR, np.uint8))  # float32 [3]
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity), which can be fewer than the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(len(os.sched_getaffinity(0)), 1)
+    return max(os.cpu_count() or 1, 1)
+
+
 def bucket_length(length: int, buckets: Sequence[int] | None, multiple: int, what: str) -> int:
     """Smallest bucket >= length (or length rounded up to `multiple` when no buckets are given)."""
     if buckets is None:
@@ -243,7 +250,7 @@ class PairPipeline:
         ds = ds.batch(c.pairs_per_batch, drop_remainder=True)
         options = tf.data.Options()
         options.deterministic = True
-        options.threading.private_threadpool_size = max(os.cpu_count() or 1, 1)
+        options.threading.private_threadpool_size = available_cores()
         return ds.with_options(options).prefetch(c.prefetch_batches)
 
     def _text_arrays(self, indices: np.ndarray) -> dict:
