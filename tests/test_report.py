@@ -59,6 +59,7 @@ def test_a_resumed_log_keeps_the_later_record_of_a_step(tmp_path):
     text = open(report.write_report(str(tmp_path))).read()
     assert "| world | not finished | – | – |" in text  # a partial workdir is reported as such
     assert "| rl | done | 4 | 12.5 | 0.800 | 0.200 | 0 |" in text
+    assert "Total time of the finished stages: 12.5 s (0.2 min)." in text
     assert "| overall | 0.250 | 0.750 |" in text and "after RL (4)" in text
     assert os.path.exists(tmp_path / "rewards.png")
 

@@ -228,12 +228,14 @@ def write_report(workdir: str, stage_names: Sequence[str] = ("world", "vq", "sft
                   "constraints met). Columns: every evaluation, by stage and step.", ""]
         for task, name in TASK_NAMES.items():
             lines += [f"### {name.capitalize()}", "", accuracy_table(points, task), ""]
+    total = sum((load_result(workdir, n) or {}).get("seconds", 0.0) for n in stage_names)
     lines += ["## Training summary", "",
               "Final values: RL rows give the last logged reward means, SFT rows the last losses.",
               "",
               markdown_table(["stage", "status", "steps", "seconds", "und reward / loss",
                               "gen reward / loss", "skipped updates"],
-                             summary_rows(workdir, stage_names, logs)), ""]
+                             summary_rows(workdir, stage_names, logs)), "",
+              f"Total time of the finished stages: {total:.1f} s ({total / 60:.1f} min).", ""]
     for name in stage_names:
         result = load_result(workdir, name) or {}
         if "by_pair_type" in result:
