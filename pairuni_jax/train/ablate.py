@@ -32,7 +32,7 @@ from pairuni_jax.data import pairug
 from pairuni_jax.train import report as report_lib
 from pairuni_jax.train.rl import RLConfig
 from pairuni_jax.train.shapes_job import ShapesJob, rl_config
-from pairuni_jax.train.stages import load_result, run_stages
+from pairuni_jax.train.stages import Stage, load_result, run_stages
 
 PREPARE_STAGES = ("world", "vq", "sft", "pairs")
 
@@ -150,6 +150,8 @@ class Ablation:
         self.job = ShapesJob(config, workdir, log)
         self.config, self.workdir, self.log = config, self.job.workdir, log
         self.variants = [VARIANTS[v] for v in (variants or VARIANTS)]
+        for variant in self.variants:  # fail before any training if a variant cannot run
+            variant_rl_config(config, variant, config.seed)
         self.seeds: list[int | None] = list(seeds) if seeds else [None]
         self.out_dir = os.path.join(self.workdir, "ablations")
 
@@ -169,7 +171,8 @@ class Ablation:
             self.log(f"ablation: wrote {len(records)} {variant.data} pairs to {out}")
         return out
 
-    def stages(self):
+    def stages(self) -> list[Stage]:
+        """One resumable stage per (variant, seed), named by its directory."""
         stages = []
         for variant in self.variants:
             for seed in self.seeds:
@@ -189,8 +192,6 @@ class Ablation:
         """Prepare, train every run that is not done, write the table and plot; their paths."""
         prepare = [(n, fn) for n, fn in self.job.stages() if n in PREPARE_STAGES]
         run_stages(self.workdir, prepare, self.log)
-        for variant in self.variants:  # fail before any training if a variant cannot run
-            variant_rl_config(self.config, variant, self.config.seed)
         run_stages(self.workdir, self.stages(), self.log)
         return write_outputs(self.workdir, self.variants, self.seeds, self.out_dir,
                              rl_steps=self.config.rl.steps)
