@@ -123,6 +123,14 @@ def test_deterministic_by_seed_and_epoch(source, processor):
     assert not np.array_equal(epoch0, other)
 
 
+def test_batches_do_not_depend_on_the_number_of_decode_threads(source, processor):
+    one, autotuned, fast = (take(make(source, processor, **kw).iterator(), 3) for kw in (
+        {"num_parallel_calls": 1}, {}, {"num_parallel_calls": 3, "fast_resize": True}))
+    for x, y, z in zip(one, autotuned, fast, strict=True):
+        assert_same(x, y)
+        assert np.array_equal(x["index"], z["index"])
+
+
 def test_resume_yields_exactly_the_uninterrupted_batches(source, processor):
     full = take(make(source, processor).iterator(), 12)
     for stop in (3, 5, 7):  # mid-epoch, at the epoch boundary, in the second epoch
