@@ -9,19 +9,28 @@ compiled program then gives, per device: arguments (the param / optimizer shard 
 shard), outputs, temporaries (activations, gradients, gathered weights), and the peak
 arguments + outputs - aliased (donated) + temporaries.
 
-The batch is the paper's: P = 16 pairs per step, G = 4 rollouts per item for 7B and 8 for 1B,
-576 image tokens; understanding prompts hold the 576 image features plus a text prompt. Steps:
+The batch is the paper's (configs/pairug.py): P = 16 pairs per step, G = 4 rollouts per item for
+7B and 8 for 1B, 576 image tokens, 512-token answers; understanding prompts hold the 576 image
+features plus a 128-token text prompt. Full fine-tuning stores float32 weights (the recipe's
+master weights) and computes in bfloat16; LoRA's frozen base is bfloat16. Steps:
 - update_full / update_lora: the Pair-GRPO update (rl_step.make_update_fn) with AdamW, full
-  fine-tuning (vision encoder and VQ frozen) or LoRA rank 16 on every LLM projection;
+  fine-tuning (vision encoder and VQ frozen) or LoRA rank 16 on every LLM projection, in
+  micro-batches of one row per device;
 - rollout_text: G answers per understanding prompt (prefill with the image, KV-cache decode);
 - rollout_image: G CFG images of 576 tokens per generation prompt;
 - vq_decode: the VQ decoder turning the P * G image-token grids into 384 x 384 pixels.
 
+By default each step is compiled at 2 and 4 decoder layers and the memory extrapolated linearly
+to the full depth (24 for 1B, 30 for 7B): every per-layer quantity (weights, gradients, moments,
+saved activations, KV cache) is linear in depth, and a full-depth 7B compile takes long on a CPU.
+`--layers ''` compiles the full depth instead.
+
 The forced device count has to be set before jax starts, so each setting is measured in a child
 process (`XLA_FLAGS=--xla_force_host_platform_device_count=N`), which also keeps one setting's
-compile memory from adding to the next. CPU memory analysis counts the buffers of the program as
-XLA's CPU backend schedules it; a TPU compile of the same program fuses and schedules differently,
-so read the figures as a plan with about 10-20% of slack, not as an exact TPU number.
+compile memory from adding to the next. The figures are those of XLA's CPU backend, which runs
+bfloat16 matrix products through float32 copies of their operands (gathered weight matrices
+included); a TPU compile keeps them in bfloat16 and fuses more, so read the figures as an upper
+bound of the TPU program's, not as an exact TPU number.
 """
 
 from __future__ import annotations
@@ -145,7 +154,7 @@ def extrapolate(results: list[dict[str, Any]], layers: int) -> dict[str, Any]:
     memory = {k: round(a["memory"][k] + (b["memory"][k] - a["memory"][k]) * (layers - la)
                        / (lb - la)) for k in a["memory"]}
     return {**b, "layers": layers, "memory": memory, "extrapolated_from": [la, lb],
-            "compile_s": a["compile_s"] + b["compile_s"]}
+            "compile_s": a["compile_s"] + b["compile_s"], "measured": [a, b]}
 
 
 def full_depth(model: str) -> int:
