@@ -99,9 +99,15 @@ class MetricsWriter:
                 self._tb.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and not self._jsonl.closed:
             self.flush()
             self._jsonl.close()
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

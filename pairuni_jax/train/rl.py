@@ -6,11 +6,20 @@ One step, for a batch of P pairs (REFERENCE.md §2):
   2. rewards: multiple-choice accuracy (+ optional format) and the generation reward registry;
   3. advantages per task and prompt, times the pair weight (inside the update step);
   4. `mu` updates on the clipped objective, both tasks' gradients combined by sum or min-norm.
+`RLConfig.tasks` trains one task only (the ablations): the other task's rollout and reward are
+skipped and the update sees a one-task batch.
+
 The state (trainable params, optimizer, step), the rng and the data position are checkpointed, so a
 resumed run repeats exactly the steps an uninterrupted one would have taken (the step's rng is
 fold_in(seed key, step); the pipeline's position is part of the checkpoint). A non-finite update is
 skipped inside the jitted step and counted; `max_nonfinite` in a row stop the run with its last
 good checkpoint intact. SIGTERM saves a checkpoint at the next step boundary and stops.
+
+Devices: with a mesh (argument, or `RLConfig.mesh_shape`), the state is placed by sharding.py's
+regex rules (FSDP, optional tensor parallelism) and every batch is split over ('data', 'fsdp').
+Multi-host: each process feeds its own data shard (the pipeline's process_index/count), the global
+arrays are built from the processes' local rows, each process scores its own rows' rollouts on its
+host, and only scalars cross hosts; checkpoints are written collectively, metrics by process 0.
 """
 
 from __future__ import annotations
@@ -25,13 +34,15 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from pairuni_jax import rollout
 from pairuni_jax.models import lora as lora_lib
 from pairuni_jax.models.configs import JanusConfig
 from pairuni_jax.processing import JanusProcessor
 from pairuni_jax.rl.rewards import understanding_rewards
-from pairuni_jax.train import rl_step
+from pairuni_jax.train import rl_step, sharding
 from pairuni_jax.train.checkpoint import Checkpointer, PreemptionGuard
 from pairuni_jax.train.metrics import MetricsWriter, Progress
 
@@ -68,6 +79,9 @@ class RLConfig:
     # The tasks trained: both (Pair-GRPO), or ("und",) / ("gen",) for a one-task run, which
     # skips the other task's rollout and reward.
     tasks: tuple[str, ...] = ("und", "gen")
+    # (data, fsdp, tensor) sizes of the device mesh (one may be -1: the rest of the devices);
+    # None: no mesh (one device), unless train_rl is given one.
+    mesh_shape: tuple[int, int, int] | None = None
 
     def __post_init__(self):
         if not self.tasks or len(set(self.tasks)) != len(self.tasks) or not set(self.tasks) <= {
@@ -75,11 +89,33 @@ class RLConfig:
             raise ValueError(f"RLConfig.tasks={self.tasks!r}: a non-empty subset of ('und', 'gen')")
 
 
+@functools.lru_cache(maxsize=8)
+def _optimizer(learning_rate: float, warmup_steps: int, weight_decay: float,
+               max_grad_norm: float) -> optax.GradientTransformation:
+    lr = learning_rate
+    if warmup_steps:
+        lr = optax.linear_schedule(0.0, learning_rate, warmup_steps)
+    return rl_step.make_optimizer(lr, weight_decay, max_grad_norm)
+
+
 def make_optimizer(cfg: RLConfig) -> optax.GradientTransformation:
-    lr = cfg.learning_rate
-    if cfg.warmup_steps:
-        lr = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
-    return rl_step.make_optimizer(lr, cfg.weight_decay, cfg.max_grad_norm)
+    """AdamW (+ warmup, clipping) from the config; equal settings give the same object, so the
+    jitted update below is compiled once per process for runs that share them (ablations)."""
+    return _optimizer(cfg.learning_rate, cfg.warmup_steps, cfg.weight_decay, cfg.max_grad_norm)
+
+
+@functools.lru_cache(maxsize=8)
+def _update_fn(model_config: JanusConfig, update: rl_step.UpdateConfig,
+               tx: optax.GradientTransformation, shardings: tuple | None):
+    """The jitted update, shared by every loop with the same settings and state shardings
+    (`shardings`: (treedef, leaves) of the state's NamedShardings, hashable; None: unsharded)."""
+    tree = None if shardings is None else jax.tree.unflatten(*shardings)
+    return rl_step.make_update_fn(model_config, update, tx, tree)
+
+
+@functools.lru_cache(maxsize=8)
+def _log_probs_fn(model_config: JanusConfig, cfg_scale: float | None):
+    return jax.jit(functools.partial(rl_step.log_probs, config=model_config, cfg_scale=cfg_scale))
 
 
 def policy_params(state: rl_step.TrainState, update: rl_step.UpdateConfig):
@@ -91,14 +127,12 @@ def policy_params(state: rl_step.TrainState, update: rl_step.UpdateConfig):
 
 def rollout_batch(batch: dict, text: rollout.TextRollout | None,
                   images: rollout.ImageRollout | None, und_rewards: np.ndarray | None,
-                  gen_rewards: np.ndarray | None, placeholder_id: int,
-                  guided: bool = False) -> dict:
+                  gen_rewards: np.ndarray | None, placeholder_id: int) -> dict:
     """The update step's layout (rl_step): every leaf [P * G, ...], row p * G + g of a task is
-    rollout g of pair p. Rewards [P, G]. A task whose rollout is None is left out (one-task runs);
-    `guided` adds the unconditional prompts that guided image scoring needs."""
+    rollout g of pair p. Rewards [P, G]. A task whose rollout is None is left out (one-task runs).
+    """
     out = {}
-    rollouts = text if text is not None else images
-    p, g = rollouts.tokens.shape[:2]
+    p, g = (text if text is not None else images).tokens.shape[:2]
     rows = lambda x: np.repeat(np.asarray(x), g, axis=0)  # noqa: E731  [P, ...] -> [P * G, ...]
     pair = {"similarity": rows(batch["similarity"]), "aligned": rows(batch["pair_type"] == 0)}
     if text is not None:
@@ -124,48 +158,126 @@ def rollout_batch(batch: dict, text: rollout.TextRollout | None,
             "rewards": np.asarray(gen_rewards, np.float32).reshape(p * g),
             **pair,
         }
-        if guided:
-            out["gen"]["uncond_prompt_ids"] = rows(batch["gen_uncond_ids"])
-            out["gen"]["uncond_prompt_mask"] = rows(batch["gen_mask"])
     return out
 
 
+def global_mean(local: np.ndarray) -> float:
+    """The mean over every process's rows of a host-side array (one small all-gather when there
+    are several processes)."""
+    total = np.array([np.sum(local, dtype=np.float64), np.size(local)], np.float64)
+    if jax.process_count() > 1:
+        total = np.asarray(multihost_utils.process_allgather(total)).sum(0)
+    return float(total[0] / max(total[1], 1.0))
+
+
+def any_process(flag: bool) -> bool:
+    """True when `flag` is set on any process (every process gets the same answer)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.asarray(multihost_utils.process_allgather(np.array(flag))).any())
+
+
+ROLLOUT_KEYS = ("und_ids", "und_mask", "pixel_values", "gen_ids", "gen_mask")
+# The pipeline's left-padded [P, L] arrays, by prompt kind, with their fill (None: the pad id).
+LEFT_PADDED = {
+    "und": (("und_ids", None), ("und_mask", False), ("und_image_mask", False)),
+    "gen": (("gen_ids", None), ("gen_mask", False), ("gen_uncond_ids", None)),
+}
+
+
+def left_pad(batch: dict, lengths: dict[str, int], pad_id: int) -> dict:
+    """`batch` with its prompts left-padded to `lengths` ({'und': Lu, 'gen': Lg}); extra
+    positions are masked, so the model's outputs do not change."""
+    out = dict(batch)
+    for kind, keys in LEFT_PADDED.items():
+        for key, fill in keys:
+            if key not in batch:
+                continue
+            x = np.asarray(batch[key])  # [P, L]
+            extra = lengths[kind] - x.shape[1]
+            if extra < 0:
+                raise ValueError(f"{key} has length {x.shape[1]} > {lengths[kind]}")
+            if extra:
+                pad = np.full((x.shape[0], extra), pad_id if fill is None else fill, x.dtype)
+                out[key] = np.concatenate([pad, x], axis=1)
+    return out
+
+
+def common_lengths(batch: dict) -> dict[str, int]:
+    """The prompt lengths every process's batch is padded to: hosts bucket their own batches, but
+    a global array needs one shape (one small all-gather when there are several processes)."""
+    local = np.array([batch["und_ids"].shape[1], batch["gen_ids"].shape[1]], np.int64)
+    if jax.process_count() > 1:
+        local = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 2).max(0)
+    return {"und": int(local[0]), "gen": int(local[1])}
+
+
 class PairGRPO:
-    """The loop's pieces, jitted once: rollout, rewards, update; `train` runs them."""
+    """The loop's pieces: rollout, rewards, update (compiled once per process and settings)."""
 
     def __init__(self, model_config: JanusConfig, processor: JanusProcessor, cfg: RLConfig,
-                 generation_reward: Callable[[np.ndarray, Sequence[str]], np.ndarray]):
+                 generation_reward: Callable[[np.ndarray, Sequence[str]], np.ndarray],
+                 mesh: Mesh | None = None, rules: Sequence[sharding.Rule] = sharding.JANUS_RULES):
         self.model_config, self.processor, self.cfg = model_config, processor, cfg
         self.generation_reward = generation_reward
+        self.mesh, self.rules = mesh, tuple(rules)
         self.tx = make_optimizer(cfg)
-        self.update = rl_step.make_update_fn(model_config, cfg.update, self.tx)
-        self.old_log_probs = jax.jit(functools.partial(
-            rl_step.log_probs, config=model_config, cfg_scale=cfg.update.image_cfg_scale))
+        self.update = None  # set by init_state, which knows the state's shardings
+        self.old_log_probs = _log_probs_fn(model_config, cfg.update.image_cfg_scale)
         self.sampling = rollout.Sampling(temperature=cfg.temperature)
 
     def init_state(self, params) -> rl_step.TrainState:
+        """A fresh state (placed on the mesh under `rules`), and the update step compiled for it.
+        The state may share buffers with `params`, which the donating update then consumes."""
         mask = lora_lib.trainable_mask(params, self.cfg.trainable, self.cfg.frozen)
-        return rl_step.init_state(params, self.tx, lora=self.cfg.update.lora,
-                                  rng=jax.random.key(self.cfg.seed), trainable_mask=mask)
+        state = rl_step.init_state(params, self.tx, lora=self.cfg.update.lora,
+                                   rng=jax.random.key(self.cfg.seed), trainable_mask=mask)
+        key = None
+        if self.mesh is not None:
+            shardings = sharding.param_shardings(state, self.rules, self.mesh)
+            state = jax.device_put(state, shardings)
+            leaves, treedef = jax.tree.flatten(shardings)
+            key = (treedef, tuple(leaves))
+        self.update = _update_fn(self.model_config, self.cfg.update, self.tx, key)
+        return state
+
+    def to_devices(self, tree):
+        """This process's rows [P_local, ...] -> arrays the jitted programs take (global arrays
+        sharded over the batch axes with a mesh; host arrays as they are without one)."""
+        return tree if self.mesh is None else sharding.shard_batch(tree, self.mesh)
+
+    def to_host(self, tree):
+        """Device arrays with rows on the leading axis -> numpy, this process's rows only."""
+        if self.mesh is None:
+            return jax.device_get(tree)
+        return jax.tree.map(lambda x: sharding.local_rows(x, self.mesh), tree)
 
     def rollouts(self, params, batch: dict, key: jax.Array):
-        """(text rollouts or None, image rollouts or None) on the host, for the trained tasks."""
+        """(text rollouts or None, image rollouts or None) on the host, this process's rows, for
+        the trained tasks."""
         c, p = self.cfg, self.processor
         k_text, k_image = jax.random.split(key)
+        x = self.to_devices({k: batch[k] for k in ROLLOUT_KEYS})
         text = images = None
         if "und" in c.tasks:
-            text = rollout.generate_text(
-                params, self.model_config, batch["und_ids"], batch["und_mask"], k_text,
-                batch["pixel_values"], num_samples=c.update.group_size,
+            out = rollout.generate_text(
+                params, self.model_config, x["und_ids"], x["und_mask"], k_text,
+                x["pixel_values"], num_samples=c.update.group_size,
                 max_new_tokens=c.max_new_tokens,
                 sampling=self.sampling, eos_id=p.eos_id, pad_id=p.pad_id,
                 image_token_id=p.image_placeholder_id)
+            tokens, mask = self.to_host((out.tokens, out.mask))
+            text = out.replace(tokens=tokens, mask=mask, sample_logprobs=None,
+                               model_logprobs=None)
         if "gen" in c.tasks:
-            images = rollout.generate_images(
-                params, self.model_config, batch["gen_ids"], batch["gen_mask"], k_image,
+            out = rollout.generate_images(
+                params, self.model_config, x["gen_ids"], x["gen_mask"], k_image,
                 c.guidance, num_samples=c.update.group_size, sampling=self.sampling,
                 bos_id=p.bos_id, boi_id=p.image_start_id, pad_id=p.pad_id)
-        return jax.device_get(text), jax.device_get(images)
+            tokens, pixels = self.to_host((out.tokens, out.pixels))
+            images = out.replace(tokens=tokens, pixels=pixels, sample_logprobs=None,
+                                 model_logprobs=None)
+        return text, images
 
     def understanding_rewards(self, batch: dict, text) -> tuple[np.ndarray, np.ndarray]:
         """(reward, accuracy), both [P, G], of the sampled answers."""
@@ -185,8 +297,11 @@ class PairGRPO:
         return np.asarray(gen).reshape(images.tokens.shape[:2])
 
     def step(self, state: rl_step.TrainState, batch: dict, key: jax.Array):
-        """One Pair-GRPO step -> (state, metrics, rollout images or None, their rewards or None)."""
+        """One Pair-GRPO step on this process's `batch` (P_local pairs) -> (state, metrics,
+        this process's rollout images or None, their rewards or None)."""
         t0 = time.perf_counter()
+        if jax.process_count() > 1:
+            batch = left_pad(batch, common_lengths(batch), self.processor.pad_id)
         params = policy_params(state, self.cfg.update)
         text, images = self.rollouts(params, batch, key)
         t1 = time.perf_counter()
@@ -196,8 +311,13 @@ class PairGRPO:
         if images is not None:
             gen_r = self.image_rewards(batch, images)
         t2 = time.perf_counter()
-        rb = rollout_batch(batch, text, images, und_r, gen_r, self.processor.image_placeholder_id,
-                           guided=self.cfg.update.image_cfg_scale is not None)
+        rb = rollout_batch(batch, text, images, und_r, gen_r, self.processor.image_placeholder_id)
+        if "gen" in rb and self.cfg.update.image_cfg_scale is not None:
+            p = self.processor  # guided scoring needs the prompts the rollout's CFG branch saw
+            rb["gen"]["uncond_prompt_ids"] = np.asarray(rollout.unconditional_ids(
+                rb["gen"]["prompt_ids"], p.bos_id, p.image_start_id, p.pad_id))
+            rb["gen"]["uncond_prompt_mask"] = rb["gen"]["prompt_mask"]
+        rb = self.to_devices(rb)
         if self.cfg.mu > 1:
             old = self.old_log_probs(params, batch=rb)
             for task in rb:
@@ -210,15 +330,15 @@ class PairGRPO:
         tokens = 0
         if text is not None:
             tokens += int(text.mask.sum())
-            metrics["und/accuracy"] = float(und_acc.mean())
-            metrics["und/answer_length"] = float(text.mask.sum(-1).mean())
+            metrics["und/accuracy"] = global_mean(und_acc)
+            metrics["und/answer_length"] = global_mean(text.mask.sum(-1))
         if images is not None:
             tokens += int(np.prod(images.tokens.shape))
         metrics.update({
             "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2,
-            "rollout_tokens_per_s": tokens / max(t1 - t0, 1e-9),
+            "rollout_tokens_per_s": tokens * jax.process_count() / max(t1 - t0, 1e-9),
         })
-        return (state, metrics, None if images is None else images.pixels, gen_r)
+        return state, metrics, None if images is None else images.pixels, gen_r
 
 
 def data_skip_counts(pipeline) -> dict[str, float]:
@@ -232,14 +352,33 @@ def data_skip_counts(pipeline) -> dict[str, float]:
     return out
 
 
+def resolve_mesh(cfg: RLConfig, mesh: Mesh | None) -> Mesh | None:
+    """The mesh given, else one of `cfg.mesh_shape` over all devices, else None."""
+    if mesh is not None or cfg.mesh_shape is None:
+        return mesh
+    return sharding.make_mesh(*cfg.mesh_shape)
+
+
 def train_rl(params, model_config: JanusConfig, processor: JanusProcessor, pipeline,
              generation_reward, cfg: RLConfig, workdir: str, *,
-             evaluate: Callable | None = None, log: Callable[[str], None] = print):
-    """Run (or resume) Pair-GRPO under `workdir`; returns (final params, summary metrics)."""
-    loop = PairGRPO(model_config, processor, cfg, generation_reward)
+             evaluate: Callable | None = None, log: Callable[[str], None] = print,
+             mesh: Mesh | None = None,
+             rules: Sequence[sharding.Rule] = sharding.JANUS_RULES):
+    """Run (or resume) Pair-GRPO under `workdir`; returns (final params, summary metrics).
+
+    `params` is consumed (the update donates its buffers). `pipeline` yields this process's
+    batches (`pipeline.iterator(state)`); `generation_reward(pixels [P, G, H, W, 3] uint8,
+    prompts [P]) -> ([P, G] or [P * G] rewards, info)`; `evaluate(params, step) -> (metrics,
+    images, captions)`. `mesh` (or cfg.mesh_shape) shards the state by `rules` and the batches
+    over ('data', 'fsdp'). Raises Preempted after a SIGTERM-triggered save, NonFiniteUpdates
+    after `cfg.max_nonfinite` skipped updates in a row.
+    """
+    mesh = resolve_mesh(cfg, mesh)
+    loop = PairGRPO(model_config, processor, cfg, generation_reward, mesh, rules)
     state = loop.init_state(params)
     del params
-    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    main_process = jax.process_index() == 0
+    writer = MetricsWriter(workdir, enabled=main_process)
     base_key = jax.random.key(cfg.seed)
     summary: dict[str, float] = {}
     skip_counts = data_skip_counts(pipeline)
@@ -248,15 +387,19 @@ def train_rl(params, model_config: JanusConfig, processor: JanusProcessor, pipel
             + ", ".join(f"{k.rsplit('/', 1)[-1]}={int(v)}" for k, v in skip_counts.items()
                         if k != "data/skipped"))
     with Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep) as ckpt, \
-            PreemptionGuard() as guard:
+            PreemptionGuard() as guard, writer:
         meta = {}
         if ckpt.latest_step() is not None:
             state, meta = ckpt.restore(state)
             log(f"rl: resumed at step {int(state.step)}")
-        data = pipeline.iterator(meta.get("data"))
+        data_state = meta.get("data")
+        if data_state is not None:  # written by process 0; every process resumes its own shard
+            data_state = dict(data_state, process_index=jax.process_index())
+        data = pipeline.iterator(data_state)
         nonfinite_run = int(meta.get("nonfinite_run", 0))
         start = int(state.step)
         progress = Progress(cfg.steps, "rl", first_step=start)
+        saved = ckpt.latest_step()
 
         def run_eval(step):
             if evaluate is None:
@@ -269,28 +412,31 @@ def train_rl(params, model_config: JanusConfig, processor: JanusProcessor, pipel
                 f"{k} {v:.3f}" for k, v in sorted(metrics.items()) if k.endswith("overall")))
 
         def save(step):
-            ckpt.save(step, state, {"data": data.state(), "nonfinite_run": nonfinite_run})
+            nonlocal saved
+            if saved != step:
+                ckpt.save(step, state, {"data": data.state(), "nonfinite_run": nonfinite_run})
+                saved = step
 
         if start == 0:
             run_eval(0)
         for step in range(start, cfg.steps):
             batch = next(data)
-            state, metrics, pixels, gen_r = loop.step(state, batch, jax.random.fold_in(base_key,
-                                                                                       step))
+            state, metrics, pixels, gen_r = loop.step(state, batch,
+                                                      jax.random.fold_in(base_key, step))
             done = step + 1
             metrics.update(skip_counts)
-            skipped = metrics.get("skipped", 0.0) > 0
-            nonfinite_run = nonfinite_run + 1 if skipped else 0
+            nonfinite_run = nonfinite_run + 1 if metrics["skipped"] > 0 else 0
+            if done % cfg.log_every == 0 or done == cfg.steps or nonfinite_run:
+                writer.scalars(done, metrics, prefix="train/")
+                if main_process:
+                    progress.report(done, {k: metrics[k] for k in
+                                           ("und/reward_mean", "gen/reward_mean") if k in metrics})
+                summary.update({f"train/{k}": v for k, v in metrics.items()
+                                if math.isfinite(v)})
             if nonfinite_run >= cfg.max_nonfinite:
                 raise NonFiniteUpdates(
                     f"{nonfinite_run} non-finite updates in a row at step {done}; the last good "
                     f"checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is intact")
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                writer.scalars(done, metrics, prefix="train/")
-                progress.report(done, {k: metrics[k] for k in
-                                       ("und/reward_mean", "gen/reward_mean") if k in metrics})
-                summary.update({f"train/{k}": v for k, v in metrics.items()
-                                if math.isfinite(v)})
             if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
                 run_eval(done)
             if cfg.eval_every and done % cfg.eval_every == 0 and pixels is not None:
@@ -300,12 +446,11 @@ def train_rl(params, model_config: JanusConfig, processor: JanusProcessor, pipel
                               caps)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 save(done)
-            if guard.requested:
+            if done < cfg.steps and any_process(guard.requested):
                 save(done)
                 ckpt.wait()
                 log(f"rl: SIGTERM: saved step {done}, stopping")
                 raise Preempted(f"stopped by SIGTERM after step {done}")
         if start < cfg.steps or not summary:
             run_eval(cfg.steps)
-    writer.close()
     return policy_params(state, cfg.update), summary

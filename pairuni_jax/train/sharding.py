@@ -152,3 +152,14 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
         return jax.make_array_from_process_local_data(sharding, x)
 
     return jax.tree_util.tree_map_with_path(put, batch)
+
+
+def local_rows(x: jax.Array, mesh: Mesh) -> np.ndarray:
+    """This process's rows of a global array whose leading axis is the batch: numpy, in global
+    order. With `shard_batch`'s layout these are the rows this process fed in, so a host can score
+    its own rollouts without gathering anyone else's."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    x = jax.device_put(x, batch_sharding(mesh))  # one shard of rows per batch-axis position
+    shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}  # replicas dedup
+    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
