@@ -8,8 +8,10 @@ Goal: >= 100 pairs/s on 2 cores, so input never stalls a TPU host.
 
 On a shared machine wall time understates what the code does, so each run also reports the CPU
 time of all the process's threads per pair, the CPU-bound limit on idle cores (cores / CPU-s per
-pair) and the load average. That limit is reached only if the decode threads run at once: the
-wall-time speed-up of N threads over 1 shows it, when the load average is below the core count.
+pair), the cores used (CPU-s per wall-s: above 1 only if threads run at once, which the GIL
+would prevent) and the load average. The wall speed-up of N decode threads over 1 shows scaling
+when the machine is otherwise idle. Linux gives every session (autogroup) an equal share of the
+cores, so one other busy session caps a run at 1 of 2 cores whatever its thread count.
 `--steps` adds the CPU cost of each step per image (decode, convert, resize, letterbox + scale).
 """
 
@@ -91,7 +93,8 @@ class Meter:
         """Figures for `pairs` delivered since construction."""
         wall = time.perf_counter() - self.start_wall
         cpu = time.process_time() - self.start_cpu
-        return {"wall": pairs / wall, "cpu_per_pair": cpu / pairs, "load": os.getloadavg()[0]}
+        return {"wall": pairs / wall, "cpu_per_pair": cpu / pairs, "cores_used": cpu / wall,
+                "load": os.getloadavg()[0]}
 
 
 def _reference(source: pipeline.JsonlPairSource, processor: JanusProcessor, n: int) -> dict:
@@ -143,7 +146,7 @@ def _record(name: str, f: dict, ref: dict | None, cores: int, note: str) -> Reco
     """One run as a Record: wall pairs/s (ratio: vs reference); the note has the CPU figures."""
     note = (f"{1e3 * f['cpu_per_pair']:.2f} ms CPU/pair (CPU-bound limit "
             f"{cores / f['cpu_per_pair']:.0f} pairs/s on {cores} idle cores); "
-            f"load {f['load']:.1f}; {note}")
+            f"{f['cores_used']:.2f} cores used; load {f['load']:.1f}; {note}")
     if ref is not None:
         note += f"; CPU/pair x{f['cpu_per_pair'] / ref['cpu_per_pair']:.2f} of reference"
     return Record(f"{name}: pairs/s (wall)", f["wall"], ref and ref["wall"], "pairs/s", note=note)
