@@ -69,6 +69,15 @@ def test_token_log_probs_and_teacher_forcing_shift():
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+def test_token_log_probs_gradient_is_one_hot_minus_softmax():
+    logits = jax.random.normal(jax.random.key(2), (3, 4, 9))
+    ids = jax.random.randint(jax.random.key(3), (3, 4), 0, 9)
+    weights = jax.random.uniform(jax.random.key(4), (3, 4))
+    grad = jax.grad(lambda x: jnp.sum(weights * grpo.token_log_probs(x, ids)))(logits)
+    want = weights[..., None] * (jax.nn.one_hot(ids, 9) - jax.nn.softmax(logits, axis=-1))
+    np.testing.assert_allclose(grad, want, atol=1e-6)
+
+
 def test_guided_logits():
     c, u = jnp.array([1.0, 2.0]), jnp.array([0.5, 3.0])
     np.testing.assert_allclose(grpo.guided_logits(c, u, 5.0), [3.0, -2.0])
