@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from PIL import Image
 
@@ -253,7 +254,9 @@ class UnderstandingEvaluator:
                 params, self.model_config, self.ids[rows], self.mask[rows], self.key, pixels,
                 num_samples=1, max_new_tokens=self.max_new_tokens, sampling=rollout.GREEDY,
                 eos_id=p.eos_id, pad_id=p.pad_id, image_token_id=p.image_placeholder_id)
-            tokens, mask = np.asarray(out.tokens[:, 0]), np.asarray(out.mask[:, 0])
+            # every host feeds the same rows; a multi-host output is gathered whole
+            tokens, mask = multihost_utils.process_allgather((out.tokens[:, 0], out.mask[:, 0]),
+                                                             tiled=True)
             real = min(b, n - start)
             texts += [p.decode(t[m]) for t, m in zip(tokens[:real], mask[:real], strict=True)]
             if len(shown) < self.num_images:
@@ -275,16 +278,16 @@ class UnderstandingEvaluator:
 # ----------------------------------------------------------------------------- the job
 
 
-def load_model(config: ml_collections.ConfigDict, directory: str, mesh: Mesh | None):
-    """(model config, params, processor) from a checkpoint directory of either format. With a
-    mesh, params are placed by sharding.JANUS_RULES, each tensor straight to its devices, so a
-    model larger than one device's memory loads."""
+def load_model(config: ml_collections.ConfigDict, directory: str, mesh: Mesh):
+    """(model config, params placed on `mesh` by sharding.JANUS_RULES, processor) from a
+    checkpoint directory of either format. Each tensor goes straight to its devices, so a model
+    larger than one device's memory loads."""
     m = config.model
     with open(os.path.join(directory, "config.json")) as f:
         model_config = from_hf_config(json.load(f), param_dtype=jnp.dtype(m.dtype).name,
                                       dtype=jnp.dtype(m.compute_dtype).name)
-    shardings = None if mesh is None else sharding.param_shardings(
-        janus.param_shapes(model_config), sharding.JANUS_RULES, mesh)
+    shardings = sharding.param_shardings(janus.param_shapes(model_config), sharding.JANUS_RULES,
+                                         mesh)
     model_config, params = checkpoints.load_janus(directory, dtype=m.dtype,
                                                   compute_dtype=m.compute_dtype,
                                                   shardings=shardings)
@@ -297,8 +300,6 @@ def load_model(config: ml_collections.ConfigDict, directory: str, mesh: Mesh | N
 def save_policy(model_config: JanusConfig, params, processor: JanusProcessor, path: str) -> None:
     """transformers-format weights + the tokenizer under `path` (every host gathers; host 0
     writes)."""
-    from jax.experimental import multihost_utils
-
     params = multihost_utils.process_allgather(params, tiled=True)  # numpy, on every host
     if jax.process_index() == 0:
         checkpoints.save_hf(model_config, params, path)
@@ -309,14 +310,14 @@ def run_pairug(config: ml_collections.ConfigDict, workdir: str, *,
                log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) the recipe under `workdir`; returns the summary metrics."""
     validate(config)
+    source = open_pairs(config.data)  # before a download of several GB
     directory = resolve_weights(config.model.path)
-    source = open_pairs(config.data)
     cfg = build_rl_config(config)
     mesh = make_mesh(config)
     log(f"pairug: weights {directory}; {len(source)} pairs from {source.name}; mesh "
         f"{dict(mesh.shape)}")
 
-    model_config, params, processor = load_model(config, directory, None)
+    model_config, params, processor = load_model(config, directory, mesh)
     r = config.rl
     pipeline = pipeline_lib.PairPipeline(source, processor, pipeline_lib.PipelineConfig(
         pairs_per_batch=r.pairs_per_batch // jax.process_count(), seed=config.seed,
@@ -333,7 +334,7 @@ def run_pairug(config: ml_collections.ConfigDict, workdir: str, *,
             max_items=e.max_items, batch_size=e.batch_size, max_new_tokens=r.max_new_tokens)
 
     params, summary = rl_lib.train_rl(params, model_config, processor, pipeline, reward, cfg,
-                                      workdir, evaluate=evaluate, log=log)
+                                      workdir, evaluate=evaluate, log=log, mesh=mesh)
     model_dir = os.path.join(workdir, "model")
     save_policy(model_config, params, processor, model_dir)
     if jax.process_index() == 0:
