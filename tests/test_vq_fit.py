@@ -7,13 +7,14 @@ import numpy as np
 import optax
 
 from pairuni_jax.models.configs import VQConfig
-from pairuni_jax.models.vq import VQModel
+from pairuni_jax.models.vq import VQModel, l2_normalize
 from pairuni_jax.train.vq import (
     VQTrainConfig,
     _cached_step,
     fit_vq,
     reconstruct,
     shapes_vq_config,
+    spherical_kmeans,
     to_model_pixels,
     training_images,
     vq_losses,
@@ -51,6 +52,31 @@ def test_losses_route_gradients_like_a_vq():
     assert norm(g_recon["encoder"]) > 0 and norm(g_recon["quantize"]) == 0
 
 
+def test_autoencoder_phase_bypasses_the_quantizer():
+    model = VQModel(config=TINY)
+    x = to_model_pixels(training_images(2))
+    params = model.init(jax.random.PRNGKey(0), x)
+    grads = jax.grad(lambda p: vq_losses(model, p, x, 0.25, quantize=0.0)[0])(params)["params"]
+    assert optax.global_norm(grads["quantize"]) == 0  # the codebook waits for its k-means init
+    z = l2_normalize(model.apply(params, x, method=VQModel.encode_latents))
+    direct = model.apply(params, z, method=VQModel.decode_latents)
+    recon = jnp.mean(jnp.abs(direct - x)) + jnp.mean(jnp.square(direct - x))
+    metrics = vq_losses(model, params, x, 0.25, quantize=0.0)[1][0]
+    np.testing.assert_allclose(metrics["loss"], recon, rtol=1e-6)
+
+
+def test_spherical_kmeans_finds_separated_clusters():
+    rng = np.random.default_rng(0)
+    centres = l2_normalize(jnp.asarray(rng.normal(size=(4, 8)), jnp.float32))
+    points = l2_normalize(jnp.repeat(centres, 50, axis=0)
+                          + 0.05 * jnp.asarray(rng.normal(size=(200, 8)), jnp.float32))
+    found = spherical_kmeans(points, 4, 10, jax.random.PRNGKey(1))
+    np.testing.assert_allclose(jnp.linalg.norm(found, axis=-1), 1.0, rtol=1e-5)
+    # every true centre has a found centroid within a small angle, and vice versa
+    cos = np.asarray(centres @ found.T)  # [4, 4]
+    assert cos.max(1).min() > 0.99 and cos.max(0).min() > 0.99
+
+
 def test_dead_codes_are_reseeded_from_latents():
     model = VQModel(config=TINY)
     x = to_model_pixels(training_images(4))
@@ -79,3 +105,4 @@ def test_fit_resumes_exactly(tmp_path):
     images = training_images(3)
     out = reconstruct(straight_model, straight, images)
     assert out.shape == images.shape and out.dtype == np.uint8
+
