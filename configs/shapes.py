@@ -29,9 +29,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     )
     # The tiny VQ (Janus's VQ-16 architecture, 3 levels), fitted on the world's images.
     c.vq = dict(
-        steps=150 if smoke else 1200,
-        batch_size=32,
-        learning_rate=2e-3,
+        steps=120 if smoke else 1200,
+        batch_size=16,
+        learning_rate=5e-3,
         warmup_steps=10 if smoke else 50,
         num_images=512 if smoke else 4096,
         eval_per_category=10 if smoke else 50,
