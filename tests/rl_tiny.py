@@ -54,7 +54,7 @@ def processor(world_dir: str) -> JanusProcessor:
 def model_config(vocab_size: int) -> JanusConfig:
     vq = shapes_vq_config(IMAGE_SIZE)
     text = LlamaConfig(
-        vocab_size=vocab_size,
+        vocab_size=-(-vocab_size // 64) * 64,  # a vocab the tensor axis divides, as Janus's
         hidden_size=32,
         intermediate_size=64,
         num_layers=1,

@@ -91,3 +91,31 @@ def test_image_grid_layout():
 def test_progress_line(capsys):
     line = Progress(10, "rl").report(0, {"reward": 0.5})
     assert line.startswith("[rl] step 0/10") and "reward=0.5" in line
+
+
+def test_state_shardings_place_optimizer_moments_like_their_parameter():
+    import optax
+
+    from pairuni_jax.train import sharding
+
+    mesh = sharding.make_mesh(2, 2, 2)
+    params = {
+        "language_model": {
+            "embed_tokens": {"embedding": jnp.zeros((64, 8))},
+            "layers_0": {"self_attn": {"q_proj": {"kernel": jnp.zeros((8, 16))}}},
+        },
+        "gen_head": {"bias": jnp.zeros((6,))},
+    }
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": optax.adam(1e-3).init(params),
+    }
+    specs = jax.tree.map(
+        lambda s: s.spec, sharding.state_shardings(state, sharding.JANUS_RULES, mesh, params.keys())
+    )
+    want = sharding.param_specs(params, sharding.JANUS_RULES, mesh)
+    assert want["language_model"]["embed_tokens"]["embedding"] == PartitionSpec("tensor", "fsdp")
+    assert specs["params"] == want
+    assert specs["opt_state"][0].mu == want and specs["opt_state"][0].nu == want
+    assert specs["step"] == PartitionSpec() and specs["opt_state"][0].count == PartitionSpec()

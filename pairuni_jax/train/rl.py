@@ -228,14 +228,23 @@ class PairGRPO:
 
     def init_state(self, params) -> rl_step.TrainState:
         """A fresh state (placed on the mesh under `rules`), and the update step compiled for it.
-        The state may share buffers with `params`, which the donating update then consumes."""
+        The state may share buffers with `params`, which the donating update then consumes.
+        With a mesh, the params go straight to their shards and the optimizer state is created
+        sharded, so no device ever holds a whole copy."""
         mask = lora_lib.trainable_mask(params, self.cfg.trainable, self.cfg.frozen)
-        state = rl_step.init_state(params, self.tx, lora=self.cfg.update.lora,
-                                   rng=jax.random.key(self.cfg.seed), trainable_mask=mask)
+
+        def make(p):
+            return rl_step.init_state(p, self.tx, lora=self.cfg.update.lora,
+                                      rng=jax.random.key(self.cfg.seed), trainable_mask=mask)
+
         key = None
-        if self.mesh is not None:
-            shardings = sharding.param_shardings(state, self.rules, self.mesh)
-            state = jax.device_put(state, shardings)
+        if self.mesh is None:
+            state = make(params)
+        else:
+            params = sharding.shard_params(params, self.rules, self.mesh)
+            shardings = sharding.state_shardings(jax.eval_shape(make, params), self.rules,
+                                                 self.mesh, roots=params.keys())
+            state = jax.jit(make, out_shardings=shardings, donate_argnums=0)(params)
             leaves, treedef = jax.tree.flatten(shardings)
             key = (treedef, tuple(leaves))
         self.update = _update_fn(self.model_config, self.cfg.update, self.tx, key)

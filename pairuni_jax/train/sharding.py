@@ -124,6 +124,28 @@ def param_shardings(tree: Any, rules: Sequence[Rule], mesh: Mesh) -> Any:
     )
 
 
+def state_shardings(state: Any, rules: Sequence[Rule], mesh: Mesh, roots: Any) -> Any:
+    """NamedSharding per leaf of a train state whose fields hold param-shaped trees (trainable and
+    frozen params, optimizer moments under prefixes like 'opt_state/1/0/mu/').
+
+    A leaf is placed by `rules` matched against its path from the first component that is a
+    top-level param name (`roots`, e.g. 'language_model'), so every copy of a parameter (the
+    parameter, Adam's mu and nu) gets the parameter's own sharding; other leaves (step, counts)
+    are replicated.
+    """
+    roots = set(roots)
+
+    def one(path, x):
+        parts = path_str(path).split("/")
+        for i, part in enumerate(parts):
+            if part in roots:
+                rel = "/".join(parts[i:])
+                return NamedSharding(mesh, spec_for(rel, x.shape, rules, mesh))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
 def shard_params(params: Any, rules: Sequence[Rule], mesh: Mesh) -> Any:
     """Place a param tree on the mesh under `rules`."""
     return jax.device_put(params, param_shardings(params, rules, mesh))
