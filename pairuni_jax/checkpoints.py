@@ -271,7 +271,7 @@ def _resolve(path_or_hub_id: str) -> str:
         raise FileNotFoundError(
             f"{path_or_hub_id}: not a local directory, and downloading it from the Hugging Face "
             f"Hub failed ({type(e).__name__}: {e}). Provide a local copy instead: on a machine "
-            f"with network run `huggingface-cli download {path_or_hub_id} --local-dir DIR`, copy "
+            f"with network run `hf download {path_or_hub_id} --local-dir DIR`, copy "
             "DIR here and pass its path.") from e
 
 

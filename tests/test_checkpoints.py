@@ -114,7 +114,7 @@ def test_missing_directory_and_offline_hub_id_errors(tmp_path, monkeypatch):
         load_janus("deepseek-community/Janus-Pro-1B")
     msg = str(info.value)
     assert "downloading it from the Hugging Face Hub failed" in msg
-    assert "huggingface-cli download deepseek-community/Janus-Pro-1B --local-dir DIR" in msg
+    assert "hf download deepseek-community/Janus-Pro-1B --local-dir DIR" in msg
 
 
 def test_save_hf_round_trip_through_transformers(gqa, tmp_path, torch):

@@ -75,7 +75,7 @@ def test_missing_weights_say_how_to_get_them(tmp_path, monkeypatch):
     missing = str(tmp_path / "nowhere")
     with pytest.raises(pairug_job.WeightsNotFound) as e:
         pairug_job.resolve_weights(missing)
-    assert missing in str(e.value) and "huggingface-cli download" in str(e.value)
+    assert missing in str(e.value) and "hf download" in str(e.value)
     assert "configs/shapes.py" in str(e.value)
     with pytest.raises(pairug_job.WeightsNotFound, match="no config.json"):
         pairug_job.resolve_weights(str(tmp_path))
@@ -85,7 +85,7 @@ def test_missing_weights_say_how_to_get_them(tmp_path, monkeypatch):
     with pytest.raises(pairug_job.WeightsNotFound) as e:
         pairug_job.resolve_weights("deepseek-ai/Janus-Pro-7B")
     message = str(e.value)
-    assert "huggingface-cli download deepseek-ai/Janus-Pro-7B" in message
+    assert "hf download deepseek-ai/Janus-Pro-7B" in message
     assert "configs/shapes.py" in message
 
 

@@ -105,11 +105,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.{e}") from None
     if "hpsv2" in weights:
         _require_file(config.reward.hpsv2_checkpoint, "reward.hpsv2_checkpoint",
-                      "download it with `huggingface-cli download xswu/HPSv2 "
+                      "download it with `hf download xswu/HPSv2 "
                       "HPS_v2.1_compressed.pt --local-dir weights`")
     if "clip" in weights:
         _require_file(config.reward.clip_path, "reward.clip_path",
-                      "a transformers CLIP directory, e.g. `huggingface-cli download "
+                      "a transformers CLIP directory, e.g. `hf download "
                       "openai/clip-vit-large-patch14 --local-dir weights/clip-vit-large-patch14`")
     if config.eval.understanding:
         _require_file(config.eval.understanding, "eval.understanding",
@@ -131,7 +131,7 @@ def resolve_weights(path_or_hub_id: str) -> str:
     hub_id = path_or_hub_id if known else "deepseek-ai/Janus-Pro-1B"  # what to suggest
     local = f"weights/{hub_id.split('/')[-1]}"
     how = (
-        f"Get the weights on a machine with network: `huggingface-cli download {hub_id} "
+        f"Get the weights on a machine with network: `hf download {hub_id} "
         f"--local-dir {local}` (transformers-format copies: deepseek-community/Janus-Pro-1B and "
         f"-7B), then pass --config.model.path={local}. {EMBEDDED_DEFAULT}"
     )
