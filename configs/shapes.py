@@ -29,7 +29,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     )
     # The tiny VQ (Janus's VQ-16 architecture, 3 levels), fitted on the world's images.
     c.vq = dict(
-        steps=120 if smoke else 1200,
+        steps=120 if smoke else 2000,
         batch_size=16,
         learning_rate=5e-3,
         warmup_steps=10 if smoke else 50,
