@@ -24,3 +24,27 @@ def torch():
         return importlib.import_module("torch")
     except ImportError as e:
         missing_reference("torch", f"install requirements-dev.txt: {e}")
+
+
+# Compiled programs are cached on disk for the whole run (subprocesses too: the notebook's kernel
+# and the multi-process workers inherit the variable), so a program compiled by one test is loaded,
+# not recompiled, by the next that builds it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit  # noqa: E402
+    import shutil  # noqa: E402
+    import tempfile  # noqa: E402
+
+    _cache = tempfile.mkdtemp(prefix="jax_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+
+# Files that share the micro Shapes workdir (tests/micro_job.py) run in one worker under
+# `pytest -n`; every other file stays whole in its worker, so its module fixtures build once.
+_MICRO = {"test_main_job.py", "test_report.py", "test_ablate.py", "test_notebook.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = os.path.basename(str(item.fspath))
+        item.add_marker(pytest.mark.xdist_group("micro" if name in _MICRO else name))

@@ -239,6 +239,7 @@ def test_bucketed_prompt_lengths_reuse_one_compiled_program():
             compiles.append(event)
 
     jax.monitoring.register_event_duration_secs_listener(listener)
+    jax.config.update("jax_enable_compilation_cache", False)  # count compiles, not disk loads
     try:
         for ids, mask in args:
             jax.block_until_ready(generate_image_tokens(
@@ -246,6 +247,7 @@ def test_bucketed_prompt_lengths_reuse_one_compiled_program():
                 bos_id=BOS, boi_id=BOI, pad_id=PAD))
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+        jax.config.update("jax_enable_compilation_cache", True)
     assert len(compiles) == 1
     assert bucket_length(1, 16) == 16 and bucket_length(17, 16) == 32
 
