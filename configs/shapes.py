@@ -2,8 +2,8 @@
 
     python -m pairuni_jax.main --config=configs/shapes.py --workdir=runs/shapes
 
-Presets: `configs/shapes.py` (default: <= 15 minutes on 2 CPU cores), `configs/shapes.py:smoke`
-(a couple of minutes, for tests). Every field can be overridden on the command line, e.g.
+Presets: `configs/shapes.py` (default; its VQ fit alone takes about 12 CPU-minutes),
+`configs/shapes.py:smoke` (about 5 CPU-minutes, mostly compilation). Every field can be overridden on the command line, e.g.
 `--config.sft.combiner.mode=pareto --config.seed=1`.
 """
 
