@@ -3,8 +3,8 @@
     python -m pairuni_jax.main --config=configs/shapes.py --workdir=runs/shapes
 
 Presets: `configs/shapes.py` (default; its VQ fit alone takes about 12 CPU-minutes),
-`configs/shapes.py:smoke` (about 5 CPU-minutes, mostly compilation). Every field can be overridden on the command line, e.g.
-`--config.sft.combiner.mode=pareto --config.seed=1`.
+`configs/shapes.py:smoke` (about 5 CPU-minutes, mostly compilation). Every field can be
+overridden on the command line, e.g. `--config.sft.combiner.mode=pareto --config.seed=1`.
 """
 
 import ml_collections
