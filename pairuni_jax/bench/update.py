@@ -124,10 +124,8 @@ def make_batch(config, p: int, g: int, text_prompt: int, answer: int, gen_prompt
 # ---------------------------------------------------------------- the PyTorch reference
 
 
-def torch_loss_fn(model, batch, cfg: grpo.GRPOConfig, group_size: int):
-    """The Pair-GRPO loss (on-policy ratio, task_sum aggregation) in torch eager on HF Janus."""
-    import torch
-
+def advantages_and_weights(batch, cfg: grpo.GRPOConfig, group_size: int):
+    """Per-task pair-weighted advantages [B] and per-token loss weights, shared by both losses."""
     adv = {}
     for t in ("und", "gen"):
         d = batch[t]
@@ -141,6 +139,14 @@ def torch_loss_fn(model, batch, cfg: grpo.GRPOConfig, group_size: int):
     weights = grpo.loss_weights(
         {t: jnp.asarray(batch[t]["response_mask"]) for t in ("und", "gen")}, cfg.aggregation
     )
+    return adv, weights
+
+
+def torch_loss_fn(model, batch, cfg: grpo.GRPOConfig, group_size: int):
+    """The Pair-GRPO loss (on-policy ratio, task_sum aggregation) in torch eager on HF Janus."""
+    import torch
+
+    adv, weights = advantages_and_weights(batch, cfg, group_size)
     T = {
         t: {k: torch.from_numpy(np.asarray(v)) for k, v in batch[t].items()} for t in ("und", "gen")
     }
@@ -182,24 +188,15 @@ def torch_loss_fn(model, batch, cfg: grpo.GRPOConfig, group_size: int):
 
 def jax_grad_fn(config, batch, cfg: grpo.GRPOConfig, group_size: int, frozen):
     """`torch_loss_fn`'s loss in JAX: the jitted gradient w.r.t. the trainable leaves."""
-    adv, masks = {}, {t: jnp.asarray(batch[t]["response_mask"]) for t in ("und", "gen")}
-    for t in ("und", "gen"):
-        d = batch[t]
-        a = grpo.group_advantages(
-            jnp.asarray(d["rewards"]).reshape(-1, group_size), eps=cfg.adv_eps
-        )
-        w = grpo.pair_weights(
-            jnp.asarray(d["similarity"]), jnp.asarray(d["aligned"]), cfg.pair_weighting
-        )
-        adv[t] = a.reshape(-1) * w
-    weights = grpo.loss_weights(masks, cfg.aggregation)
+    adv, weights = advantages_and_weights(batch, cfg, group_size)
 
     def loss(trainable, batch):
         params = lora_lib.combine(trainable, frozen)
         lps = rl_step.log_probs(params, config, batch)
         total = 0.0
         for t, lp in lps.items():
-            tb = grpo.TaskBatch(jax.lax.stop_gradient(lp), adv[t], weights[t], masks[t])
+            mask = batch[t]["response_mask"]
+            tb = grpo.TaskBatch(jax.lax.stop_gradient(lp), adv[t], weights[t], mask)
             total = total + grpo.task_loss(lp, tb, cfg)[0]
         return total
 
