@@ -34,6 +34,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         learning_rate=5e-3,
         warmup_steps=10 if smoke else 50,
         num_images=512 if smoke else 4096,
+        autoencoder_fraction=0.25,  # leading share of steps with the quantizer bypassed
+        kmeans_images=256,  # images whose latents initialise the codebook by k-means
+        restart_after=50,  # steps unused before a code is re-seeded from the batch
         eval_per_category=10 if smoke else 50,
     )
     # The policy: Janus-Pro's architecture at a size a CPU trains in minutes.

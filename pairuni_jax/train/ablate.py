@@ -126,16 +126,10 @@ def run_name(variant: str, seed: int | None) -> str:
 def variant_rl_config(config: ml_collections.ConfigDict, variant: Variant, seed: int
                       ) -> RLConfig:
     """The `rl` section with the variant's weighting and combiner; its tasks; the run's seed."""
-    rl = ml_collections.ConfigDict(config.rl.to_dict())
-    rl.pair_weighting = variant.pair_weighting
-    rl.combiner.mode = variant.combiner
-    cfg = rl_config(rl, seed)
-    if variant.tasks != ("und", "gen"):
-        if "tasks" not in {f.name for f in dataclasses.fields(RLConfig)}:
-            raise ValueError(f"variant {variant.name}: training one task needs RLConfig.tasks, "
-                             "which this version of train/rl.py does not have")
-        cfg = dataclasses.replace(cfg, tasks=variant.tasks)
-    return cfg
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.rl.pair_weighting = variant.pair_weighting
+    config.rl.combiner.mode = variant.combiner
+    return dataclasses.replace(rl_config(config, seed), tasks=variant.tasks)
 
 
 class Ablation:
@@ -185,12 +179,15 @@ class Ablation:
                                                    save_model=False)
                     return {"variant": variant.name, "seed": run_seed, **result}
 
-                stages.append((run_name(variant.name, seed), train))
+                inputs = {"variant": variant.name, "seed": run_seed,
+                          "rl": self.config.rl.to_dict(), "reward": self.config.reward.to_dict(),
+                          "eval": self.config.eval.to_dict()}
+                stages.append(Stage(run_name(variant.name, seed), train, inputs))
         return stages
 
     def run(self) -> dict[str, str]:
         """Prepare, train every run that is not done, write the table and plot; their paths."""
-        prepare = [(n, fn) for n, fn in self.job.stages() if n in PREPARE_STAGES]
+        prepare = [s for s in self.job.stages() if s.name in PREPARE_STAGES]
         run_stages(self.workdir, prepare, self.log)
         run_stages(self.workdir, self.stages(), self.log)
         return write_outputs(self.workdir, self.variants, self.seeds, self.out_dir,

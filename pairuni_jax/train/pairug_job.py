@@ -13,7 +13,6 @@ default (configs/shapes.py) needs neither.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -39,7 +38,6 @@ from pairuni_jax.processing import JanusProcessor, letterbox
 from pairuni_jax.rl.rewards import build_generation_reward, extract_choice, parse_generation_spec
 from pairuni_jax.train import rl as rl_lib
 from pairuni_jax.train import sharding
-from pairuni_jax.train.shapes_job import rl_config as shapes_rl_config
 
 EMBEDDED_DEFAULT = (
     "To try the whole pipeline without downloads, run the embedded default instead: "
@@ -196,13 +194,8 @@ def lora_config(lo: ml_collections.ConfigDict) -> lora_lib.LoraConfig | None:
 def build_rl_config(config: ml_collections.ConfigDict) -> rl_lib.RLConfig:
     """RLConfig from the `rl` and `lora` sections. Full fine-tuning trains the LLM, aligners and
     heads; the vision encoder and the VQ stay frozen (as the open Janus-Pro GRPO trainer)."""
-    r = config.rl
     try:
-        cfg = shapes_rl_config(r, config.seed)
-        update = dataclasses.replace(cfg.update, lora=lora_config(config.lora))
-        return dataclasses.replace(
-            cfg, update=update, frozen=lora_lib.JANUS_FROZEN, weight_decay=r.weight_decay,
-            format_weight=r.format_weight, keep=r.keep)
+        return rl_lib.rl_config_from(config.rl, config.seed, lora=lora_config(config.lora))
     except ValueError as e:
         raise ConfigError(f"config.rl: {e}") from None
 

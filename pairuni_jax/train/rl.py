@@ -41,6 +41,8 @@ from pairuni_jax import rollout
 from pairuni_jax.models import lora as lora_lib
 from pairuni_jax.models.configs import JanusConfig
 from pairuni_jax.processing import JanusProcessor
+from pairuni_jax.rl import pareto
+from pairuni_jax.rl.grpo import GRPOConfig
 from pairuni_jax.rl.rewards import understanding_rewards
 from pairuni_jax.train import rl_step, sharding
 from pairuni_jax.train.checkpoint import Checkpointer, PreemptionGuard
@@ -87,6 +89,32 @@ class RLConfig:
         if not self.tasks or len(set(self.tasks)) != len(self.tasks) or not set(self.tasks) <= {
             "und", "gen"}:
             raise ValueError(f"RLConfig.tasks={self.tasks!r}: a non-empty subset of ('und', 'gen')")
+
+
+def combiner_from(c) -> pareto.CombinerConfig:
+    """CombinerConfig from a config's `combiner` section (mode, normalization, groups)."""
+    return pareto.CombinerConfig(mode=c.mode, normalization=c.normalization,
+                                 groups=tuple(c.groups))
+
+
+def rl_config_from(r, seed: int, *, frozen: tuple[str, ...] = lora_lib.JANUS_FROZEN,
+                   lora: lora_lib.LoraConfig | None = None) -> RLConfig:
+    """RLConfig from a config's `rl` section (configs/shapes.py and configs/pairug.py).
+
+    Fields a section leaves out (weight_decay, format_weight, keep) take RLConfig's defaults.
+    """
+    grpo_cfg = GRPOConfig(eps_low=r.eps_low, eps_high=r.eps_high, beta=r.beta,
+                          pair_weighting=r.pair_weighting, aggregation=r.aggregation)
+    update = rl_step.UpdateConfig(grpo=grpo_cfg, combiner=combiner_from(r.combiner),
+                                  group_size=r.group_size, num_micro_batches=r.num_micro_batches,
+                                  lora=lora)
+    optional = {k: r[k] for k in ("weight_decay", "format_weight", "keep") if k in r}
+    return RLConfig(
+        steps=r.steps, temperature=r.temperature, guidance=r.guidance,
+        max_new_tokens=r.max_new_tokens, mu=r.mu, learning_rate=r.learning_rate,
+        warmup_steps=r.warmup_steps, max_grad_norm=r.max_grad_norm, update=update,
+        trainable=(r".*",), frozen=frozen, seed=seed, log_every=r.log_every,
+        checkpoint_every=r.checkpoint_every, eval_every=r.eval_every, **optional)
 
 
 @functools.lru_cache(maxsize=8)
