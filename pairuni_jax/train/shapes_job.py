@@ -32,16 +32,14 @@ from pairuni_jax.data.shapes_render import WorldConfig
 from pairuni_jax.models import janus
 from pairuni_jax.models.configs import JanusConfig, LlamaConfig, SigLIPConfig
 from pairuni_jax.processing import JanusProcessor
-from pairuni_jax.rl.grpo import GRPOConfig
 from pairuni_jax.rl.rewards import build_generation_reward
 from pairuni_jax.train import rl as rl_lib
-from pairuni_jax.train import rl_step
 from pairuni_jax.train import sft as sft_lib
 from pairuni_jax.train import vq as vq_lib
 from pairuni_jax.train.evaluate import ShapesEvaluator
 from pairuni_jax.train.metrics import read_jsonl
 from pairuni_jax.train.report import write_report
-from pairuni_jax.train.stages import run_stages
+from pairuni_jax.train.stages import Stage, run_stages
 
 
 def world_config(config: ml_collections.ConfigDict) -> WorldConfig:
@@ -86,14 +84,23 @@ class ShapesJob:
         self.config, self.workdir, self.log = config, os.path.abspath(workdir), log
         self.world_dir = os.path.join(self.workdir, "world")
 
-    def stages(self):
-        return [("world", self.world), ("vq", self.vq), ("sft", self.sft),
-                ("pairs", self.pairs), ("rl", self.rl)]
+    def stages(self) -> list[Stage]:
+        """The stages in order, each with the config sections its result depends on."""
+        c = self.config.to_dict()
+        sampling = {k: c["rl"][k] for k in ("guidance", "temperature")}  # used by the evaluator
+        world = {"seed": c["seed"], "world": c["world"]}
+        vq = dict(world, vq=c["vq"])
+        sft = dict(vq, policy=c["policy"], sft=c["sft"], eval=c["eval"], eval_sampling=sampling)
+        pairs = dict(world, pairing=c["pairing"])
+        rl = dict(sft, pairing=c["pairing"], rl=c["rl"], reward=c["reward"])
+        return [Stage("world", self.world, world), Stage("vq", self.vq, vq),
+                Stage("sft", self.sft, sft), Stage("pairs", self.pairs, pairs),
+                Stage("rl", self.rl, rl)]
 
     def run(self) -> dict[str, dict[str, Any]]:
         """Run (or resume) every stage, then write the report (on a rerun too)."""
         results = run_stages(self.workdir, self.stages(), self.log)
-        self.log(f"report: {write_report(self.workdir, [name for name, _ in self.stages()])}")
+        self.log(f"report: {write_report(self.workdir, [s.name for s in self.stages()])}")
         return results
 
     # -- stages -------------------------------------------------------------------------------
@@ -107,10 +114,9 @@ class ShapesJob:
 
     def _fit_vq(self, stage_dir: str):
         v = self.config.vq
-        train = vq_lib.VQTrainConfig(steps=v.steps, batch_size=v.batch_size,
-                                     learning_rate=v.learning_rate,
-                                     warmup_steps=v.warmup_steps, seed=self.config.seed,
-                                     num_images=v.num_images)
+        fields = ("steps", "batch_size", "learning_rate", "warmup_steps", "num_images",
+                  "autoencoder_fraction", "kmeans_images", "restart_after")
+        train = vq_lib.VQTrainConfig(seed=self.config.seed, **{k: v[k] for k in fields if k in v})
         return vq_lib.fit_vq(stage_dir, world=world_config(self.config), train=train,
                              log=self.log)
 
@@ -158,7 +164,7 @@ class ShapesJob:
         s = self.config.sft
         cfg = sft_lib.SFTConfig(
             steps=s.steps, batch_size=s.batch_size, learning_rate=s.learning_rate,
-            warmup_steps=s.warmup_steps, combiner=combiner_config(s.combiner),
+            warmup_steps=s.warmup_steps, combiner=rl_lib.combiner_from(s.combiner),
             seed=self.config.seed, log_every=s.log_every, checkpoint_every=s.checkpoint_every)
         self.log(f"sft: {len(data.und_ids)} understanding and {len(data.gen_ids)} generation "
                  f"examples; policy {param_count(params) / 1e6:.2f}M params")
@@ -205,7 +211,7 @@ class ShapesJob:
 
     def rl(self, stage_dir: str) -> dict[str, Any]:
         pairs = os.path.join(self.world_dir, "train_pairs.jsonl")
-        return self.train_policy(stage_dir, rl_config(self.config.rl, self.config.seed), pairs)
+        return self.train_policy(stage_dir, rl_config(self.config), pairs)
 
     def train_policy(self, stage_dir: str, cfg: rl_lib.RLConfig, pairs_path: str, *,
                      save_model: bool = True) -> dict[str, Any]:
@@ -231,26 +237,11 @@ class ShapesJob:
         return result
 
 
-def rl_config(r: ml_collections.ConfigDict, seed: int) -> rl_lib.RLConfig:
-    """RLConfig from the config's `rl` section."""
-    grpo_cfg = GRPOConfig(eps_low=r.eps_low, eps_high=r.eps_high, beta=r.beta,
-                          pair_weighting=r.pair_weighting, aggregation=r.aggregation)
-    update = rl_step.UpdateConfig(grpo=grpo_cfg, combiner=combiner_config(r.combiner),
-                                  group_size=r.group_size, num_micro_batches=r.num_micro_batches)
-    return rl_lib.RLConfig(
-        steps=r.steps, temperature=r.temperature, guidance=r.guidance,
-        max_new_tokens=r.max_new_tokens, mu=r.mu, learning_rate=r.learning_rate,
-        warmup_steps=r.warmup_steps,
-        max_grad_norm=r.max_grad_norm, update=update, trainable=(r".*",), frozen=(r"^vqmodel/",),
-        seed=seed, log_every=r.log_every, checkpoint_every=r.checkpoint_every,
-        eval_every=r.eval_every)
-
-
-def combiner_config(c: ml_collections.ConfigDict):
-    from pairuni_jax.rl.pareto import CombinerConfig
-
-    return CombinerConfig(mode=c.mode, normalization=c.normalization, groups=tuple(c.groups))
-
-
 def param_count(params) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def rl_config(config: ml_collections.ConfigDict, seed: int | None = None) -> rl_lib.RLConfig:
+    """The Shapes job's RLConfig: everything but the VQ trains (the vision encoder too)."""
+    return rl_lib.rl_config_from(config.rl, config.seed if seed is None else seed,
+                                 frozen=(r"^vqmodel/",))

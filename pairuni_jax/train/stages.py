@@ -1,7 +1,10 @@
 """Resumable stages of a job: each stage keeps its result in `<workdir>/<name>/result.json`.
 
 A finished stage (its result file exists) is skipped on a re-run; an unfinished one runs again and
-resumes from whatever it checkpointed under its own directory.
+resumes from whatever it checkpointed under its own directory. A stage's `inputs` (the config it
+depends on) are written to `<workdir>/<name>/inputs.json` when it starts; a re-run whose inputs
+differ stops with `StageInputsChanged` naming the fields, rather than keep or resume work done
+under other settings.
 """
 
 from __future__ import annotations
@@ -10,9 +13,49 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
-Stage = tuple[str, Callable[[str], dict[str, Any]]]  # (name, fn(stage_dir) -> JSON result)
+
+class Stage(NamedTuple):
+    name: str
+    fn: Callable[[str], dict[str, Any]]  # fn(stage_dir) -> JSON-serialisable result
+    inputs: dict[str, Any] | None = None  # JSON-serialisable config the stage depends on
+
+
+class StageInputsChanged(ValueError):
+    """A stage already started or finished in this workdir under different settings."""
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def check_inputs(workdir: str, stage: Stage) -> None:
+    """Record the stage's inputs, or raise if the recorded ones differ."""
+    if stage.inputs is None:
+        return
+    path = os.path.join(workdir, stage.name, "inputs.json")
+    now = json.loads(json.dumps(stage.inputs))  # tuples -> lists, as read back
+    if os.path.exists(path):
+        with open(path) as f:
+            before = json.load(f)
+        if before != now:
+            old, new = _flatten(before), _flatten(now)
+            diff = [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
+                    for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            raise StageInputsChanged(
+                f"{path}: stage {stage.name!r} was run with other settings ("
+                + "; ".join(diff) + "). Use a new --workdir, or delete "
+                f"{os.path.join(workdir, stage.name)} (and the stages after it) to redo it.")
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(now, f, indent=1, sort_keys=True)
 
 
 def result_path(workdir: str, name: str) -> str:
@@ -32,7 +75,9 @@ def run_stages(workdir: str, stages: Sequence[Stage], log: Callable[[str], None]
                ) -> dict[str, dict[str, Any]]:
     """Run the unfinished stages in order; returns every stage's result by name."""
     results = {}
-    for name, fn in stages:
+    for stage in stages:
+        name, fn = stage.name, stage.fn
+        check_inputs(workdir, stage)
         done = load_result(workdir, name)
         if done is not None:
             log(f"== {name}: done earlier, kept ({result_path(workdir, name)})")
