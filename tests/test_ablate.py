@@ -104,6 +104,22 @@ def test_pair_weights_of_the_variants():
         np.testing.assert_allclose(grpo.pair_weights(sim, aligned, mode), expected, rtol=1e-6)
 
 
+def test_gain_over_sft_is_judged_against_the_spread_over_seeds():
+    sft = {"eval/und/acc_overall": 0.40, "eval/gen/acc_overall": 0.10}
+    rows = [{"variant": "pair_sqrt", "eval/und/acc_overall": u, "eval/gen/acc_overall": g}
+            for u, g in ((0.50, 0.20), (0.52, 0.22), (0.48, 0.18))]  # gains 0.1, std 0.02
+    rows += [{"variant": "unpaired", "eval/und/acc_overall": u, "eval/gen/acc_overall": 0.30}
+             for u in (0.30, 0.60)]  # und gain +0.05 < spread 0.21
+    rows += [{"variant": "gen_only", "eval/und/acc_overall": 0.7, "eval/gen/acc_overall": 0.3}]
+    table = ablate.gains(rows, [ablate.VARIANTS[n] for n in ("pair_sqrt", "unpaired",
+                                                              "gen_only", "und_only")], sft)
+    lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    assert lines["pair_sqrt"] == "| pair_sqrt | 3 | +0.100 (0.020) | +0.100 (0.020) | yes |"
+    assert lines["unpaired"].endswith("| +0.050 (0.212) | +0.200 (0.000) | no |")
+    assert lines["gen_only"].endswith("| one seed |")
+    assert "und_only" not in lines  # no finished runs
+
+
 @pytest.mark.slow
 def test_a_micro_ablation_writes_one_table_from_one_sft_start(tmp_path):
     workdir = copy_of_micro_run(str(tmp_path / "run"))

@@ -6,10 +6,11 @@ import subprocess
 import sys
 
 import pytest
-from micro_job import REPO, micro_config, micro_run
+from micro_job import REPO, copy_of_micro_run, micro_config, micro_run
 
 from pairuni_jax.train import run as run_lib
 from pairuni_jax.train.metrics import read_jsonl
+from pairuni_jax.train.stages import StageInputsChanged
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +39,18 @@ def test_stages_run_in_order_and_a_rerun_resumes():
     assert again == results
     assert os.path.getmtime(os.path.join(workdir, "rl", "result.json")) == before
     assert os.path.exists(os.path.join(workdir, "report.md"))  # the rerun writes the report
+
+
+def test_a_rerun_with_other_settings_stops_before_any_work(tmp_path):
+    workdir = copy_of_micro_run(str(tmp_path / "run"))
+    config = micro_config()
+    config.sft.combiner.mode = "pareto"
+    before = {name: sorted(os.listdir(os.path.join(workdir, name))) for name in os.listdir(workdir)
+              if os.path.isdir(os.path.join(workdir, name))}
+    with pytest.raises(StageInputsChanged, match=r"'sft'.*sft\.combiner\.mode: 'sum' -> 'pareto'"):
+        run_lib.run(config, workdir)
+    after = {name: sorted(os.listdir(os.path.join(workdir, name))) for name in before}
+    assert after == before
 
 
 def test_main_rejects_a_bad_preset(tmp_path):

@@ -254,6 +254,34 @@ def markdown(rows: Sequence[dict], variants: Sequence[Variant], sft: dict[str, f
     return "\n".join(lines)
 
 
+GAIN_COLUMNS = (("und", "eval/und/acc_overall"), ("gen", "eval/gen/acc_overall"))
+
+
+def gains(rows: Sequence[dict], variants: Sequence[Variant], sft: dict[str, float]) -> str:
+    """Held-out accuracy gained over the SFT start per variant: mean gain and the spread (sample
+    std over seeds); 'yes' where every task's gain is positive and larger than its spread."""
+    header = ["variant", "seeds"] + [f"{t} gain (spread)" for t, _ in GAIN_COLUMNS]
+    lines = ["| " + " | ".join(header + ["gain > spread, both tasks"]) + " |",
+             "|" + "---|" * (len(header) + 1)]
+    for v in variants:
+        mine = [r for r in rows if r["variant"] == v.name]
+        if not mine or any(k not in sft for _, k in GAIN_COLUMNS):
+            continue
+        cells, clears = [], len(mine) > 1
+        for _, key in GAIN_COLUMNS:
+            stat = _mean_std([r.get(key) for r in mine])
+            if stat is None:
+                cells.append("–")
+                clears = False
+                continue
+            gain = stat[0] - sft[key]
+            cells.append(f"{gain:+.3f} ({stat[1]:.3f})")
+            clears = clears and gain > 0 and gain > stat[1]
+        verdict = "yes" if clears else ("no" if len(mine) > 1 else "one seed")
+        lines.append(f"| {v.name} | {len(mine)} | " + " | ".join(cells) + f" | {verdict} |")
+    return "\n".join(lines)
+
+
 def write_csv(rows: Sequence[dict], path: str) -> None:
     """Every run's final scalars, one row per (variant, seed)."""
     keys = ["variant", "seed", "seconds"]
@@ -331,7 +359,8 @@ def write_outputs(workdir: str, variants: Sequence[Variant], seeds: Sequence[int
             "evaluator; accuracies are overall (understanding: multiple-choice accuracy, "
             "generation: strict GenEval-style accuracy, mean over categories); rewards are the "
             "last step's means. With several seeds: mean ± sample std.", "",
-            markdown(rows, variants, sft), "", "![ablation](ablation.png)", ""]
+            markdown(rows, variants, sft), "", "## Gain over the SFT start", "",
+            gains(rows, variants, sft), "", "![ablation](ablation.png)", ""]
     if rl_steps is not None:
         text[2:2] = [f"Each run: {rl_steps} Pair-GRPO steps.", ""]
     with open(paths["markdown"], "w") as f:

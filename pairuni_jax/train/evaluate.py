@@ -24,8 +24,16 @@ from pairuni_jax.rl.rewards import extract_choice
 from pairuni_jax.train.metrics import read_jsonl
 
 
-def _batches(n: int, size: int) -> Sequence[slice]:
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+def _batches(n: int, size: int) -> Sequence[np.ndarray]:
+    """Row indices of each batch, all of one size (the last repeats its final row), so that every
+    batch runs the same compiled program; callers keep the first `_real(rows)` outputs."""
+    size = min(size, n)
+    return [np.minimum(np.arange(i, i + size), n - 1) for i in range(0, n, size)]
+
+
+def _real(rows: np.ndarray) -> int:
+    """How many of a batch's rows are not padding."""
+    return int(rows[-1] - rows[0] + 1)
 
 
 class ShapesEvaluator:
@@ -66,7 +74,8 @@ class ShapesEvaluator:
                 self.und_pixels[s], num_samples=1, max_new_tokens=self.max_new_tokens,
                 sampling=rollout.GREEDY, eos_id=p.eos_id, pad_id=p.pad_id,
                 image_token_id=p.image_placeholder_id)
-            tokens, mask = np.asarray(text.tokens[:, 0]), np.asarray(text.mask[:, 0])
+            n = _real(s)
+            tokens, mask = np.asarray(text.tokens[:n, 0]), np.asarray(text.mask[:n, 0])
             out += [p.decode(t[m]) for t, m in zip(tokens, mask, strict=True)]
         return out
 
@@ -79,7 +88,7 @@ class ShapesEvaluator:
                 params, self.config, self.gen_ids[s], self.gen_mask[s],
                 jax.random.fold_in(self.key, i), self.guidance, num_samples=1,
                 sampling=sampling, bos_id=p.bos_id, boi_id=p.image_start_id, pad_id=p.pad_id)
-            out.append(np.asarray(imgs.pixels[:, 0]))
+            out.append(np.asarray(imgs.pixels[:_real(s), 0]))
         return np.concatenate(out)
 
     def __call__(self, params, step: int = 0):
