@@ -1,6 +1,7 @@
 """The Shapes world VQ fit: losses, dead-code restarts, exact resume from the Orbax checkpoint."""
 
 
+import dataclasses
 import os
 
 import jax
@@ -13,6 +14,7 @@ from pairuni_jax.data.shapes_render import DEFAULT_WORLD
 from pairuni_jax.models.configs import VQConfig
 from pairuni_jax.models.vq import VQModel, l2_normalize
 from pairuni_jax.train.ablate import load_config
+from pairuni_jax.train.shapes_job import vq_train_config
 from pairuni_jax.train.vq import (
     VQTrainConfig,
     _cached_step,
@@ -117,10 +119,8 @@ def test_fit_resumes_exactly(tmp_path):
 def default_fit(tmp_path_factory):
     """The VQ the default preset fits (configs/shapes.py's `vq` section), fitted once."""
     config = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "shapes.py")
-    v = load_config(config).vq
-    train = VQTrainConfig(steps=v.steps, batch_size=v.batch_size, learning_rate=v.learning_rate,
-                          warmup_steps=v.warmup_steps, num_images=v.num_images,
-                          log_every=10**6, checkpoint_every=10**6)
+    train = dataclasses.replace(vq_train_config(load_config(config)), log_every=10**6,
+                                checkpoint_every=10**6)
     return fit_vq(str(tmp_path_factory.mktemp("vq_default")), train=train, log=lambda m: None)
 
 
@@ -128,7 +128,7 @@ def default_fit(tmp_path_factory):
 def test_default_fit_reconstructions_pass_the_checker_held_out(default_fit):
     # The checker (the generation reward) must read VQ reconstructions of held-out ground truth
     # as it reads the ground truth itself: >= 95% strict accuracy in every GenEval category.
-    # ~12 CPU-minutes, so outside the default run (`python -m pytest -m long`); the default run
+    # ~8 CPU-minutes, so outside the default run (`python -m pytest -m long`); the default run
     # checks the fit's parts (losses, k-means start, resume) on short fits above.
     acc = checker_accuracy(*default_fit, DEFAULT_WORLD, per_category=50, split="heldout")
     below = {k: v for k, v in acc.items() if k != "constraints" and v < 0.95}

@@ -46,6 +46,14 @@ def world_config(config: ml_collections.ConfigDict) -> WorldConfig:
     return WorldConfig(image_size=config.world.image_size)
 
 
+def vq_train_config(config: ml_collections.ConfigDict) -> vq_lib.VQTrainConfig:
+    """The VQ fit's settings from the `vq` section (fields it leaves out keep their defaults)."""
+    v = config.vq
+    fields = ("steps", "batch_size", "learning_rate", "warmup_steps", "num_images",
+              "autoencoder_fraction", "kmeans_images", "restart_after")
+    return vq_lib.VQTrainConfig(seed=config.seed, **{k: v[k] for k in fields if k in v})
+
+
 def policy_config(config: ml_collections.ConfigDict, vocab_size: int) -> JanusConfig:
     """The tiny Janus-architecture policy: its VQ is the world's, its vision grid matches it."""
     p, world = config.policy, world_config(config)
@@ -113,12 +121,8 @@ class ShapesJob:
         return {"files": {k: os.path.relpath(v, stage_dir) for k, v in files.items()}}
 
     def _fit_vq(self, stage_dir: str):
-        v = self.config.vq
-        fields = ("steps", "batch_size", "learning_rate", "warmup_steps", "num_images",
-                  "autoencoder_fraction", "kmeans_images", "restart_after")
-        train = vq_lib.VQTrainConfig(seed=self.config.seed, **{k: v[k] for k in fields if k in v})
-        return vq_lib.fit_vq(stage_dir, world=world_config(self.config), train=train,
-                             log=self.log)
+        return vq_lib.fit_vq(stage_dir, world=world_config(self.config),
+                             train=vq_train_config(self.config), log=self.log)
 
     def vq(self, stage_dir: str) -> dict[str, Any]:
         model, params = self._fit_vq(stage_dir)
