@@ -51,6 +51,10 @@ def test_a_rerun_with_other_settings_stops_before_any_work(tmp_path):
         run_lib.run(config, workdir)
     after = {name: sorted(os.listdir(os.path.join(workdir, name))) for name in before}
     assert after == before
+    # Logging and checkpoint periods are not settings a result depends on.
+    config = micro_config()
+    config.rl.log_every, config.sft.checkpoint_every = 5, 7
+    assert list(run_lib.run(config, workdir)) == ["world", "vq", "sft", "pairs", "rl"]
 
 
 def test_main_rejects_a_bad_preset(tmp_path):

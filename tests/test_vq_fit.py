@@ -50,7 +50,7 @@ def test_losses_route_gradients_like_a_vq():
         metrics = vq_losses(model, p, x, 0.25)[1][0]
         return jnp.stack([metrics["codebook"], metrics["commit"], metrics["recon"]])
 
-    rows = jax.jacrev(parts)(params)["params"]
+    rows = jax.jit(jax.jacrev(parts))(params)["params"]
     g_codebook, g_commit, g_recon = (jax.tree.map(lambda g, i=i: g[i], rows) for i in range(3))
     norm = optax.global_norm
     # The codebook loss moves only the codes; the commitment loss only the encoder; the
