@@ -52,3 +52,17 @@ def test_changed_inputs_name_the_fields_and_touch_nothing(tmp_path, finished):
     # The same inputs (tuples read back as lists) run or keep the stage as before.
     run_stages(str(tmp_path), [counting_stage("vq", calls, inputs)], log=lambda _: None)
     assert calls == ["vq"]
+
+
+def test_logging_and_checkpoint_periods_may_change(tmp_path):
+    calls = []
+    inputs = {"seed": 0, "rl": {"steps": 4, "log_every": 1, "checkpoint_every": 2, "keep": 3}}
+    run_stages(str(tmp_path), [counting_stage("rl", calls, inputs)], log=lambda _: None)
+    with open(tmp_path / "rl" / "inputs.json") as f:
+        assert json.load(f) == {"seed": 0, "rl": {"steps": 4}}
+    periods = {"seed": 0, "rl": {"steps": 4, "log_every": 5, "checkpoint_every": 7}}
+    run_stages(str(tmp_path), [counting_stage("rl", calls, periods)], log=lambda _: None)
+    assert calls == ["rl"]  # kept, not an error
+    with pytest.raises(StageInputsChanged, match=r"rl\.steps: 4 -> 8"):
+        run_stages(str(tmp_path), [counting_stage("rl", calls, {"seed": 0, "rl": {"steps": 8}})],
+                   log=lambda _: None)

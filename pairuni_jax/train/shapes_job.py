@@ -85,9 +85,6 @@ def save_policy(model_config: JanusConfig, params, tokenizer_dir: str, path: str
     return path
 
 
-BOOKKEEPING = ("log_every", "checkpoint_every", "keep")  # config fields no result depends on
-
-
 class ShapesJob:
     """The stages of the embedded default, sharing the config and the workdir."""
 
@@ -96,11 +93,8 @@ class ShapesJob:
         self.world_dir = os.path.join(self.workdir, "world")
 
     def stages(self) -> list[Stage]:
-        """The stages in order, each with the config sections its result depends on (logging and
-        checkpoint periods left out: changing them on a rerun is fine)."""
-        c = {k: ({f: v for f, v in section.items() if f not in BOOKKEEPING}
-                 if isinstance(section, dict) else section)
-             for k, section in self.config.to_dict().items()}
+        """The stages in order, each with the config sections its result depends on."""
+        c = self.config.to_dict()
         sampling = {k: c["rl"][k] for k in ("guidance", "temperature")}  # used by the evaluator
         world = {"seed": c["seed"], "world": c["world"]}
         vq = dict(world, vq=c["vq"])
@@ -113,8 +107,9 @@ class ShapesJob:
 
     def run(self) -> dict[str, dict[str, Any]]:
         """Run (or resume) every stage, then write the report (on a rerun too)."""
-        results = run_stages(self.workdir, self.stages(), self.log)
-        self.log(f"report: {write_report(self.workdir, [s.name for s in self.stages()])}")
+        stages = self.stages()
+        results = run_stages(self.workdir, stages, self.log)
+        self.log(f"report: {write_report(self.workdir, [s.name for s in stages])}")
         return results
 
     # -- stages -------------------------------------------------------------------------------

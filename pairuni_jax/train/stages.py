@@ -4,7 +4,8 @@ A finished stage (its result file exists) is skipped on a re-run; an unfinished 
 resumes from whatever it checkpointed under its own directory. A stage's `inputs` (the config it
 depends on) are written to `<workdir>/<name>/inputs.json` when it starts; a re-run whose inputs
 differ stops with `StageInputsChanged` naming the fields, rather than keep or resume work done
-under other settings.
+under other settings. Fields named in `BOOKKEEPING` (logging and checkpoint periods), at any
+depth, are left out: no result depends on them, so a re-run may change them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ class StageInputsChanged(ValueError):
     """A stage already started or finished in this workdir under different settings."""
 
 
+BOOKKEEPING = ("log_every", "checkpoint_every", "keep")  # config fields no result depends on
+
+
+def _without_bookkeeping(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _without_bookkeeping(v) for k, v in tree.items() if k not in BOOKKEEPING}
+    return tree
+
+
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, dict):
         out = {}
@@ -40,10 +50,10 @@ def check_inputs(workdir: str, stage: Stage) -> None:
     if stage.inputs is None:
         return
     path = os.path.join(workdir, stage.name, "inputs.json")
-    now = json.loads(json.dumps(stage.inputs))  # tuples -> lists, as read back
+    now = _without_bookkeeping(json.loads(json.dumps(stage.inputs)))  # tuples -> lists
     if os.path.exists(path):
         with open(path) as f:
-            before = json.load(f)
+            before = _without_bookkeeping(json.load(f))
         if before != now:
             old, new = _flatten(before), _flatten(now)
             diff = [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
