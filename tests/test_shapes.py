@@ -230,10 +230,16 @@ def _truth(scene, question: str) -> str:
     raise AssertionError(stem)
 
 
-def test_questions_are_answered_by_their_scene():
-    tags, answers, yes = Counter(), Counter(), Counter()
+CANONICAL_OPTIONS = {"color": list(COLORS), "shape": list(SHAPES), "count": list(NUMBER_WORDS),
+                     "position": list(POSITION_OPTIONS.values()), "existence": ["yes", "no"]}
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_questions_are_answered_by_their_scene(shuffle):
+    cfg = WorldConfig(shuffle_options=shuffle)
+    tags, answers, yes, orders = Counter(), Counter(), Counter(), defaultdict(set)
     for i in range(250):
-        item = understanding_item(2, i)
+        item = understanding_item(2, i, cfg=cfg)
         q = item.question
         opts = _options(q.text)
         assert q.answer in opts
@@ -241,12 +247,20 @@ def test_questions_are_answered_by_their_scene():
         assert len(set(opts.values())) == len(opts)
         tags[q.tag] += 1
         answers[q.answer] += 1
+        orders[q.tag].add(tuple(opts.values()))
         if q.tag == "existence":
             assert list(opts.values()) == ["yes", "no"]
             yes[opts[q.answer]] += 1
     assert set(tags) == set(QUESTION_TAGS) and min(tags.values()) == 50
-    assert min(answers[x] for x in "ABC") > 30  # letters are balanced by shuffling
     assert 15 <= yes["yes"] <= 35
+    if shuffle:  # <= 4 options drawn from the canonical ones, in many orders
+        for tag in ("color", "count", "position"):
+            assert len(orders[tag]) > 10, tag
+            assert all(len(o) == 4 and set(o) <= set(CANONICAL_OPTIONS[tag]) for o in orders[tag])
+        assert min(answers[x] for x in "ABC") > 30  # letters are balanced by shuffling
+    else:  # one order per tag: a letter always names the same answer
+        assert {t: sorted(o) for t, o in orders.items()} == {
+            t: [tuple(o)] for t, o in CANONICAL_OPTIONS.items()}
 
 
 def test_aligned_pairs_share_a_scene_that_satisfies_the_prompt():

@@ -229,7 +229,7 @@ def understanding_item(seed: int, index: int, split: str = "train",
 
     def draw():
         scene = sample_random_scene(rng, cfg, min_objects=2 if tag == "position" else 1)
-        q = make_question(scene, tag, rng, cfg.colors)
+        q = make_question(scene, tag, rng, cfg.colors, cfg.shuffle_options)
         return None if q is None else Item(scene, question=q)
 
     return _rejection(draw, split, heldout.keys(), f"{tag} question")
@@ -247,7 +247,7 @@ def aligned_item(seed: int, index: int, split: str = "train", cfg: WorldConfig =
         preferred = [_PAIR_TAGS[category][i] for i in rng.permutation(len(_PAIR_TAGS[category]))]
         rest = [QUESTION_TAGS[i] for i in rng.permutation(len(QUESTION_TAGS))]
         for tag in preferred + [t for t in rest if t not in preferred]:
-            q = make_question(scene, tag, rng, cfg.colors)
+            q = make_question(scene, tag, rng, cfg.colors, cfg.shuffle_options)
             if q is not None:
                 return Item(scene, spec, q)
         return None
@@ -346,10 +346,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train_pairs", type=int, default=600)
     parser.add_argument("--heldout_size", type=int, default=300)
     parser.add_argument("--heldout_pairs", type=int, default=150)
+    parser.add_argument("--shuffle_options", action="store_true",
+                        help="draw <= 4 multiple-choice options in random order (default: all "
+                             "options of a question type in one fixed order)")
     args = parser.parse_args(argv)
     files = write_world(args.out, train_size=args.train_size, train_pairs=args.train_pairs,
                         heldout_size=args.heldout_size, heldout_pairs=args.heldout_pairs,
-                        cfg=WorldConfig(image_size=args.image_size), seed=args.seed)
+                        cfg=WorldConfig(image_size=args.image_size,
+                                        shuffle_options=args.shuffle_options),
+                        seed=args.seed)
     for name, path in files.items():
         print(f"{name}: {path}")
 

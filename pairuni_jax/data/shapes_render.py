@@ -52,6 +52,9 @@ class WorldConfig:
     max_size: float = 0.375
     gap_px: float = 1.5  # minimum empty pixels between two objects' boxes, and to the border
     max_objects: int = 3
+    # Multiple-choice options: False lists every option of a question type in one fixed order
+    # (a letter always names the same answer); True draws <= 4 in random order (shapes_text).
+    shuffle_options: bool = False
 
     def __post_init__(self):
         unknown = [c for c in self.colors if c not in PALETTE]

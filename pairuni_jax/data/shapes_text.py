@@ -154,9 +154,15 @@ def mc_text(stem: str, options: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _shuffled_mc(rng, tag, stem, options, correct, keys) -> Question:
-    order = [options[i] for i in rng.permutation(len(options))]
-    return Question(tag, mc_text(stem, order), LETTERS[order.index(correct)], frozenset(keys))
+def _mc(rng, tag, stem, options, correct, keys, shuffle: bool) -> Question:
+    """The question with `options` in their given (canonical) order, or, with `shuffle`, at most
+    four of them (the correct one and random others) in random order."""
+    if shuffle:
+        others = [o for o in options if o != correct]
+        keep = [correct] + [others[i] for i in rng.choice(len(others), min(3, len(others)),
+                                                          replace=False)]
+        options = [keep[i] for i in rng.permutation(len(keep))]
+    return Question(tag, mc_text(stem, options), LETTERS[options.index(correct)], frozenset(keys))
 
 
 def _unique(scene: Scene, attr: str) -> list[ShapeObject]:
@@ -164,29 +170,30 @@ def _unique(scene: Scene, attr: str) -> list[ShapeObject]:
     return [o for o in scene if values.count(getattr(o, attr)) == 1]
 
 
-def color_question(scene: Scene, rng: np.random.Generator, colors=COLORS) -> Question | None:
-    """'What color is the circle?' about a shape that occurs once; 4 colour options."""
+def color_question(scene: Scene, rng: np.random.Generator, colors=COLORS,
+                   shuffle: bool = False) -> Question | None:
+    """'What color is the circle?' about a shape that occurs once; options: the world's colours."""
     cands = _unique(scene, "shape")
     if not cands:
         return None
     obj = cands[rng.integers(len(cands))]
-    others = [c for c in colors if c != obj.color]
-    options = [obj.color] + [others[i] for i in rng.choice(len(others), 3, replace=False)]
-    return _shuffled_mc(rng, "color", f"What color is the {obj.shape}?", options, obj.color,
-                        {color_shape_key(obj.color, obj.shape)})
+    return _mc(rng, "color", f"What color is the {obj.shape}?", list(colors), obj.color,
+               {color_shape_key(obj.color, obj.shape)}, shuffle)
 
 
-def shape_question(scene: Scene, rng: np.random.Generator, colors=COLORS) -> Question | None:
+def shape_question(scene: Scene, rng: np.random.Generator, colors=COLORS,
+                   shuffle: bool = False) -> Question | None:
     """'What shape is the red object?' about a colour that occurs once; 3 shape options."""
     cands = _unique(scene, "color")
     if not cands:
         return None
     obj = cands[rng.integers(len(cands))]
-    return _shuffled_mc(rng, "shape", f"What shape is the {obj.color} object?", list(SHAPES),
-                        obj.shape, {color_shape_key(obj.color, obj.shape)})
+    return _mc(rng, "shape", f"What shape is the {obj.color} object?", list(SHAPES), obj.shape,
+               {color_shape_key(obj.color, obj.shape)}, shuffle)
 
 
-def count_question(scene: Scene, rng: np.random.Generator, colors=COLORS) -> Question:
+def count_question(scene: Scene, rng: np.random.Generator, colors=COLORS,
+                   shuffle: bool = False) -> Question:
     """'How many triangles are there?' (or all objects); options zero..three."""
     if rng.random() < 0.25:
         stem, n, keys = "How many objects are there?", len(scene), set()
@@ -196,14 +203,15 @@ def count_question(scene: Scene, rng: np.random.Generator, colors=COLORS) -> Que
             SHAPES[rng.integers(len(SHAPES))]
         n = sum(o.shape == shape for o in scene)
         stem, keys = f"How many {shape}s are there?", {count_key(shape, n)}
-    return _shuffled_mc(rng, "count", stem, list(NUMBER_WORDS), NUMBER_WORDS[n], keys)
+    return _mc(rng, "count", stem, list(NUMBER_WORDS), NUMBER_WORDS[n], keys, shuffle)
 
 
 POSITION_OPTIONS = {"left of": "to the left", "right of": "to the right",
                     "above": "above", "below": "below"}
 
 
-def position_question(scene: Scene, rng: np.random.Generator, colors=COLORS) -> Question | None:
+def position_question(scene: Scene, rng: np.random.Generator, colors=COLORS,
+                      shuffle: bool = False) -> Question | None:
     """'Where is the red circle relative to the blue square?' for a pair with a clear relation."""
     named = [o for o in scene if sum((p.color, p.shape) == (o.color, o.shape) for p in scene) == 1]
     pairs = [(a, b) for a in named for b in named if a is not b and clear_relation(a, b)]
@@ -212,12 +220,13 @@ def position_question(scene: Scene, rng: np.random.Generator, colors=COLORS) -> 
     a, b = pairs[rng.integers(len(pairs))]
     rel = clear_relation(a, b)
     stem = f"Where is the {a.color} {a.shape} relative to the {b.color} {b.shape}?"
-    return _shuffled_mc(rng, "position", stem, list(POSITION_OPTIONS.values()),
-                        POSITION_OPTIONS[rel], {relation_key(a.shape, rel, b.shape)})
+    return _mc(rng, "position", stem, list(POSITION_OPTIONS.values()), POSITION_OPTIONS[rel],
+               {relation_key(a.shape, rel, b.shape)}, shuffle)
 
 
-def existence_question(scene: Scene, rng: np.random.Generator, colors=COLORS) -> Question:
-    """POPE-style 'Is there a red triangle in the image?' with A. yes / B. no.
+def existence_question(scene: Scene, rng: np.random.Generator, colors=COLORS,
+                       shuffle: bool = False) -> Question:
+    """POPE-style 'Is there a red triangle in the image?' with A. yes / B. no (never shuffled).
 
     Half present; of the absent half, half adversarial (a present object with its colour or its
     shape changed) and half random absent colour-shape pairs.
@@ -249,10 +258,16 @@ QUESTION_BUILDERS = {
 }
 
 
-def make_question(scene: Scene, tag: str, rng: np.random.Generator,
-                  colors=COLORS) -> Question | None:
-    """A question of category `tag` about the scene, or None if the scene cannot support one."""
-    return QUESTION_BUILDERS[tag](scene, rng, colors)
+def make_question(scene: Scene, tag: str, rng: np.random.Generator, colors=COLORS,
+                  shuffle: bool = False) -> Question | None:
+    """A question of category `tag` about the scene, or None if the scene cannot support one.
+
+    Options come in one fixed order per tag (all colours of the world, all shapes, zero..three,
+    the four relations), so a letter always names the same answer; `shuffle` draws at most four
+    options in random order instead, as MMStar-style benchmarks do, which adds an in-context
+    letter lookup on top of reading the image.
+    """
+    return QUESTION_BUILDERS[tag](scene, rng, colors, shuffle)
 
 
 def world_words() -> list[str]:
