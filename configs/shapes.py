@@ -27,6 +27,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         train_pairs=100 if smoke else 600,  # aligned pairs
         heldout_size=60 if smoke else 300,
         heldout_pairs=30 if smoke else 150,
+        shuffle_options=False,  # True: <= 4 multiple-choice options in random order
     )
     # The tiny VQ (Janus's VQ-16 architecture, 3 levels), fitted on the world's images.
     c.vq = dict(
@@ -38,6 +39,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         autoencoder_fraction=0.25,  # leading share of steps with the quantizer bypassed
         kmeans_images=256,  # images whose latents initialise the codebook by k-means
         restart_after=50,  # steps unused before a code is re-seeded from the batch
+        crop_size=24,  # trains on random 24 px crops (0: whole images): 0.5x the work per step
         eval_per_category=10 if smoke else 50,
     )
     # The policy: Janus-Pro's architecture at a size a CPU trains in minutes.

@@ -20,6 +20,7 @@ from pairuni_jax.train.vq import (
     _cached_step,
     checker_accuracy,
     fit_vq,
+    random_crops,
     reconstruct,
     shapes_vq_config,
     spherical_kmeans,
@@ -77,6 +78,22 @@ def test_autoencoder_phase_bypasses_the_quantizer():
     recon = direct_recon(params)
     metrics = loss_fn(params)[1][0]
     np.testing.assert_allclose(metrics["loss"], recon, rtol=1e-6)
+
+
+def test_random_crops_are_grid_aligned_windows_of_each_image():
+    images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    crops = random_crops(images, 16, 4, np.random.default_rng(1))
+    assert crops.shape == (64, 16, 16, 3)
+    offsets = set()
+    for image, crop in zip(images, crops, strict=True):
+        found = [(y, x) for y in range(17) for x in range(17)
+                 if np.array_equal(image[y:y + 16, x:x + 16], crop)]
+        assert len(found) == 1 and found[0][0] % 4 == 0 and found[0][1] % 4 == 0
+        offsets.add(found[0])
+    assert len(offsets) > 12  # offsets vary per image (5 x 5 possible)
+    assert random_crops(images, 0, 4, np.random.default_rng(1)) is images
+    with pytest.raises(ValueError, match="crop_size 18"):
+        random_crops(images, 18, 4, np.random.default_rng(1))
 
 
 def test_spherical_kmeans_finds_separated_clusters():

@@ -43,14 +43,15 @@ from pairuni_jax.train.stages import Stage, run_stages
 
 
 def world_config(config: ml_collections.ConfigDict) -> WorldConfig:
-    return WorldConfig(image_size=config.world.image_size)
+    w = config.world
+    return WorldConfig(image_size=w.image_size, shuffle_options=w.get("shuffle_options", False))
 
 
 def vq_train_config(config: ml_collections.ConfigDict) -> vq_lib.VQTrainConfig:
     """The VQ fit's settings from the `vq` section (fields it leaves out keep their defaults)."""
     v = config.vq
     fields = ("steps", "batch_size", "learning_rate", "warmup_steps", "num_images",
-              "autoencoder_fraction", "kmeans_images", "restart_after")
+              "autoencoder_fraction", "kmeans_images", "restart_after", "crop_size")
     return vq_lib.VQTrainConfig(seed=config.seed, **{k: v[k] for k in fields if k in v})
 
 
@@ -97,8 +98,10 @@ class ShapesJob:
         c = self.config.to_dict()
         sampling = {k: c["rl"][k] for k in ("guidance", "temperature")}  # used by the evaluator
         world = {"seed": c["seed"], "world": c["world"]}
-        vq = dict(world, vq=c["vq"])
-        sft = dict(vq, policy=c["policy"], sft=c["sft"], eval=c["eval"], eval_sampling=sampling)
+        # The VQ sees only rendered scenes: the dataset's sizes and question format do not matter.
+        vq = {"seed": c["seed"], "world": {"image_size": c["world"]["image_size"]}, "vq": c["vq"]}
+        sft = dict(world, vq=c["vq"], policy=c["policy"], sft=c["sft"], eval=c["eval"],
+                   eval_sampling=sampling)
         pairs = dict(world, pairing=c["pairing"])
         rl = dict(sft, pairing=c["pairing"], rl=c["rl"], reward=c["reward"])
         return [Stage("world", self.world, world), Stage("vq", self.vq, vq),

@@ -62,6 +62,7 @@ class VQTrainConfig:
     autoencoder_fraction: float = 0.25  # leading share of the steps with the quantizer bypassed
     kmeans_images: int = 256  # images whose latents (x grid^2 each) the codebook k-means uses
     kmeans_iterations: int = 20
+    crop_size: int = 0  # > 0: train on random crops of this side (grid-aligned); 0: whole images
     seed: int = 0
     log_every: int = 100
     checkpoint_every: int = 400
@@ -81,6 +82,23 @@ def training_images(num: int, world: WorldConfig = DEFAULT_WORLD, seed: int = 0)
             scene = sample_random_scene(rng, world)
         images.append(render(scene, world.image_size))
     return np.stack(images)
+
+
+def random_crops(images: np.ndarray, size: int, align: int,
+                 rng: np.random.Generator) -> np.ndarray:
+    """A random size x size crop of each image [B, S, S, 3] at offsets that are multiples of
+    `align` (so crops keep the token grid's phase); size 0 or S: the images themselves."""
+    side = images.shape[1]
+    if size in (0, side):
+        return images
+    if size % align or not 0 < size < side:
+        raise ValueError(f"VQTrainConfig.crop_size {size}: need a multiple of {align} in "
+                         f"(0, {side}], or 0")
+    n = len(images)
+    top, left = (align * rng.integers(0, (side - size) // align + 1, (2, n)))  # [2, B]
+    rows = top[:, None] + np.arange(size)  # [B, size]
+    cols = left[:, None] + np.arange(size)
+    return images[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
 def to_model_pixels(images: np.ndarray | jax.Array) -> jax.Array:
@@ -250,7 +268,9 @@ def fit_vq(workdir: str, *, world: WorldConfig = DEFAULT_WORLD, vq: VQConfig | N
             if step == autoencoder_steps(train) and step > 0:
                 state = _start_quantizing(model, state, images, train, key, log)
             rng = np.random.default_rng([train.seed, step])  # data order is a function of step
-            batch = to_model_pixels(images[rng.integers(0, len(images), train.batch_size)])
+            batch = to_model_pixels(random_crops(
+                images[rng.integers(0, len(images), train.batch_size)], train.crop_size,
+                vq.downsample, rng))
             params, opt_state, last_used, metrics = step_fn(
                 state["params"], state["opt_state"], state["last_used"], jnp.int32(step), batch,
                 jax.random.fold_in(key, step))
@@ -288,10 +308,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image_size", type=int, default=DEFAULT_WORLD.image_size)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--learning_rate", type=float, default=VQTrainConfig.learning_rate)
+    parser.add_argument("--crop_size", type=int, default=VQTrainConfig.crop_size,
+                        help="train on random crops of this side (0: whole images)")
     args = parser.parse_args(argv)
     world = WorldConfig(image_size=args.image_size)
     train = VQTrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                          learning_rate=args.learning_rate, log_every=50)
+                          learning_rate=args.learning_rate, crop_size=args.crop_size,
+                          log_every=50)
     t0 = time.perf_counter()
     model, params = fit_vq(args.workdir, world=world, train=train)
     print(f"fit in {time.perf_counter() - t0:.0f} s")
