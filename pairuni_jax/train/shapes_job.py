@@ -44,7 +44,8 @@ from pairuni_jax.train.stages import Stage, run_stages
 
 def world_config(config: ml_collections.ConfigDict) -> WorldConfig:
     w = config.world
-    return WorldConfig(image_size=w.image_size, shuffle_options=w.get("shuffle_options", False))
+    return WorldConfig(image_size=w.image_size,
+                       shuffle_options=w.get("shuffle_options", WorldConfig.shuffle_options))
 
 
 def vq_train_config(config: ml_collections.ConfigDict) -> vq_lib.VQTrainConfig:
