@@ -25,38 +25,41 @@ def params():
 
 
 def make_batch(seed=0):
+    """Rows in rl.rollout_batch's layout: row p * G + g is rollout g of pair p, so the G rows of
+    a pair share their prompt (and image); responses, masks and rewards differ per row."""
     rng = np.random.default_rng(seed)
     b, v = P * G, CONFIG.text.vocab_size
+    per_pair = lambda x: np.repeat(x, G, axis=0)  # noqa: E731  [P, ...] -> [P * G, ...]
     n_img = (CONFIG.vision.image_size // CONFIG.vision.patch_size) ** 2  # 16 placeholders
     tp_u, ta, tq = n_img + 4, 5, 6
     n_codes = 16
-    prompt_mask_u = np.ones((b, tp_u), bool)
-    prompt_mask_u[::3, :2] = False  # left padding on some rows
-    image_mask = np.zeros((b, tp_u), bool)
+    prompt_mask_u = np.ones((P, tp_u), bool)
+    prompt_mask_u[1, :2] = False  # left padding on one pair's prompt
+    image_mask = np.zeros((P, tp_u), bool)
     image_mask[:, 3 : 3 + n_img] = True
-    ids_u = rng.integers(0, 500, (b, tp_u))
+    ids_u = rng.integers(0, 500, (P, tp_u))
     ids_u[image_mask] = CONFIG.image_token_id
     ans_mask = np.arange(ta)[None] < rng.integers(1, ta + 1, b)[:, None]  # right padding
     pair = {  # per row: pair 0 aligned, pair 1 retrieved with similarity 0.64
         "similarity": np.repeat(np.array([1.0, 0.64], np.float32), G),
         "aligned": np.repeat(np.array([True, False]), G),
     }
-    prompt_mask_g = np.ones((b, tq), bool)
-    prompt_mask_g[1::2, :3] = False
+    prompt_mask_g = np.ones((P, tq), bool)
+    prompt_mask_g[0, :3] = False
     return {
         "und": {
-            "prompt_ids": ids_u.astype(np.int32),
-            "prompt_mask": prompt_mask_u,
-            "image_mask": image_mask,
-            "pixels": rng.uniform(-1, 1, (b, 16, 16, 3)).astype(np.float32),
+            "prompt_ids": per_pair(ids_u.astype(np.int32)),
+            "prompt_mask": per_pair(prompt_mask_u),
+            "image_mask": per_pair(image_mask),
+            "pixels": per_pair(rng.uniform(-1, 1, (P, 16, 16, 3)).astype(np.float32)),
             "response_ids": rng.integers(0, v, (b, ta)).astype(np.int32),
             "response_mask": ans_mask,
             "rewards": rng.integers(0, 2, b).astype(np.float32),
             **pair,
         },
         "gen": {
-            "prompt_ids": rng.integers(0, 500, (b, tq)).astype(np.int32),
-            "prompt_mask": prompt_mask_g,
+            "prompt_ids": per_pair(rng.integers(0, 500, (P, tq)).astype(np.int32)),
+            "prompt_mask": per_pair(prompt_mask_g),
             "response_ids": rng.integers(0, CONFIG.vq.codebook_size, (b, n_codes)).astype(np.int32),
             "response_mask": np.ones((b, n_codes), bool),
             "rewards": rng.uniform(0, 1, b).astype(np.float32),
@@ -65,9 +68,13 @@ def make_batch(seed=0):
     }
 
 
-def test_response_log_probs_match_a_full_sequence_forward(params):
+@pytest.mark.parametrize("rows_per_prompt", [1, G])
+def test_response_log_probs_match_a_full_sequence_forward(params, rows_per_prompt):
+    """Each row scored on its own, and each prompt run once for its G rows (a KV cache repeated
+    over them): both equal the whole sequence through janus.py."""
     batch = make_batch()
-    got = jax.jit(rl_step.log_probs, static_argnums=1)(params, CONFIG, batch)
+    lp = jax.jit(rl_step.log_probs, static_argnums=(1, 3, 4))
+    got = lp(params, CONFIG, batch, None, rows_per_prompt)
     und, gen = batch["und"], batch["gen"]
     # Reference: the whole sequence through janus.py's public functions, then shift by one.
     feats = janus.image_features(params, CONFIG, und["pixels"])
@@ -92,7 +99,7 @@ def test_response_log_probs_match_a_full_sequence_forward(params):
         **batch,
         "gen": {**gen, "uncond_prompt_ids": uncond_ids, "uncond_prompt_mask": gen["prompt_mask"]},
     }
-    guided = jax.jit(rl_step.log_probs, static_argnums=(1, 3))(params, CONFIG, guided_batch, 5.0)
+    guided = lp(params, CONFIG, guided_batch, 5.0, rows_per_prompt)
     embeds = jnp.concatenate([janus.embed_tokens(params, CONFIG, uncond_ids), codes], 1)
     h, _ = janus.forward(params, CONFIG, embeds, mask)
     u = janus.image_logits(params, CONFIG, h)[:, gen["prompt_ids"].shape[1] - 1 : -1]
@@ -143,10 +150,27 @@ def test_sum_step_accumulation_and_old_logp(params, sum_step):
     ):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-4, atol=1e-6)
+    # Scoring every row with its own copy of the prompt gives the same step.
+    state3, m3 = _run(params, dataclasses.replace(cfg, shared_prompts=False), batch)
+    for a, b in zip(
+        jax.tree.leaves(state3.trainable), jax.tree.leaves(state1.trainable), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(m3["loss"], m1["loss"], rtol=1e-4, atol=1e-6)
     # Frozen parts (vision encoder, VQ) are not in the trainable partition.
     assert state1.trainable["vision_model"] is None or not jax.tree.leaves(
         state1.trainable["vision_model"]
     )
+
+
+def test_rows_per_prompt_follows_the_micro_batch_split():
+    # Micro-batch j holds rows j, j + M, ...: a group's rows in it are G / M consecutive rows.
+    cfg = rl_step.UpdateConfig(group_size=8)
+    got = {m: dataclasses.replace(cfg, num_micro_batches=m).rows_per_prompt for m in (1, 2, 3, 8)}
+    assert got == {1: 8, 2: 4, 3: 1, 8: 1}
+    assert dataclasses.replace(cfg, shared_prompts=False).rows_per_prompt == 1
+    batch = grpo.split_micro_batches({"row": jnp.arange(16)}, 2)["row"]  # P = 2, G = 8
+    np.testing.assert_array_equal(batch[1] // 8, np.repeat([0, 1], 4))  # runs of G / M = 4
 
 
 def test_pareto_step_with_lora_keeps_base_frozen(params):

@@ -142,8 +142,12 @@ def _update_fn(model_config: JanusConfig, update: rl_step.UpdateConfig,
 
 
 @functools.lru_cache(maxsize=8)
-def _log_probs_fn(model_config: JanusConfig, cfg_scale: float | None):
-    return jax.jit(functools.partial(rl_step.log_probs, config=model_config, cfg_scale=cfg_scale))
+def _log_probs_fn(model_config: JanusConfig, update: rl_step.UpdateConfig):
+    """The jitted teacher-forced pass for old log-probs, over the whole rollout batch."""
+    whole = dataclasses.replace(update, num_micro_batches=1)
+    return jax.jit(functools.partial(rl_step.log_probs, config=model_config,
+                                     cfg_scale=update.image_cfg_scale,
+                                     rows_per_prompt=whole.rows_per_prompt))
 
 
 def policy_params(state: rl_step.TrainState, update: rl_step.UpdateConfig):
@@ -251,7 +255,7 @@ class PairGRPO:
         self.mesh, self.rules = mesh, tuple(rules)
         self.tx = make_optimizer(cfg)
         self.update = None  # set by init_state, which knows the state's shardings
-        self.old_log_probs = _log_probs_fn(model_config, cfg.update.image_cfg_scale)
+        self.old_log_probs = _log_probs_fn(model_config, cfg.update)
         self.sampling = rollout.Sampling(temperature=cfg.temperature)
 
     def init_state(self, params) -> rl_step.TrainState:

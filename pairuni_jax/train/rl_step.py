@@ -58,6 +58,21 @@ class UpdateConfig:
     # Per-objective gradients task by task (each over its own rows); False: pareto.objective_grads
     # over the joint loss with combiner.grad_method ('vjp': one shared forward, vmapped vjp).
     per_task_grads: bool = True
+    # Rows p * G .. p * G + G - 1 of a task hold one prompt (rl.rollout_batch's layout): each
+    # prompt then runs through the decoder once and its keys/values serve the G responses, instead
+    # of G copies of it (an understanding prompt with an image is ~600 tokens, its answer a few).
+    # False: every row is scored on its own (any batch layout).
+    shared_prompts: bool = True
+
+    @property
+    def rows_per_prompt(self) -> int:
+        """Consecutive rows of one micro-batch that share a prompt (1: each row has its own).
+
+        Micro-batch j holds rows j, j + M, ... (grpo.split_micro_batches): when M divides G, a
+        group's rows in it are G / M consecutive rows; otherwise every row is scored on its own.
+        """
+        g, m = self.group_size, self.num_micro_batches
+        return g // m if self.shared_prompts and g % m == 0 else 1
 
 
 @flax.struct.dataclass
@@ -110,51 +125,89 @@ def _apply(params: Any, config: JanusConfig, method: Callable, *args: Any) -> An
     return janus.Janus(config).apply({"params": params}, *args, method=method)
 
 
-def _response_logits(params, config, prompt_embeds, prompt_mask, response_embeds, batch, head):
-    """Logits at the positions that predict the response tokens: [B, Tr, V] fp32."""
+def _response_logits(params, config, prompt_embeds, prompt_mask, response_embeds, batch, head,
+                     rows_per_prompt=1):
+    """Logits at the positions that predict the response tokens: [B, Tr, V] fp32.
+
+    prompt_embeds [B / s, Tp, D] and prompt_mask [B / s, Tp] hold one prompt per run of
+    s = rows_per_prompt consecutive rows. s = 1: one forward over each row's whole sequence.
+    s > 1: the prompts run through the decoder once, into a KV cache whose rows are repeated s
+    times, and the responses [B, Tr] run on top of it, as the rollout's decode does: the same
+    logits for about 1 / s of the prompts' cost; autodiff sums the s responses' gradients
+    through the repeated cache.
+    """
     tp, tr = prompt_embeds.shape[1], response_embeds.shape[1]
-    embeds = jnp.concatenate([prompt_embeds, response_embeds.astype(prompt_embeds.dtype)], axis=1)
-    mask = jnp.concatenate([prompt_mask, batch["response_mask"]], axis=1).astype(bool)
-    hidden, _ = _apply(params, config, janus.Janus.forward, embeds, mask, None)  # [B, Tp+Tr, D]
-    hidden = hidden[:, tp - 1 : tp - 1 + tr]  # the positions that predict response tokens
+    response_embeds = response_embeds.astype(prompt_embeds.dtype)
+    response_mask = batch["response_mask"].astype(bool)
+    prompt_mask = prompt_mask.astype(bool)
+    forward = janus.Janus.forward
+    if rows_per_prompt == 1:
+        embeds = jnp.concatenate([prompt_embeds, response_embeds], axis=1)
+        mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+        hidden, _ = _apply(params, config, forward, embeds, mask, None)  # [B, Tp+Tr, D]
+        hidden = hidden[:, tp - 1 : tp - 1 + tr]  # the positions that predict response tokens
+    else:
+        cache = janus.init_cache(config, prompt_embeds.shape[0], tp + tr)
+        prompt_hidden, cache = _apply(params, config, forward, prompt_embeds, prompt_mask, cache)
+        cache = cache.repeat_rows(rows_per_prompt)  # [B, Tp+Tr, kvH, Dh] per layer
+        hidden, _ = _apply(params, config, forward, response_embeds, response_mask, cache)
+        last = jnp.repeat(prompt_hidden[:, -1:], rows_per_prompt, axis=0)  # predicts token 0
+        hidden = jnp.concatenate([last, hidden[:, :-1]], axis=1)  # [B, Tr, D]
     return _apply(params, config, head, hidden)
 
 
-def _response_log_probs(params, config, prompt_embeds, prompt_mask, response_embeds, batch, head):
+def _response_log_probs(params, config, prompt_embeds, prompt_mask, response_embeds, batch, head,
+                        rows_per_prompt=1):
     """Log-probs of the response tokens given the prompt: [B, Tr] fp32."""
     logits = _response_logits(
-        params, config, prompt_embeds, prompt_mask, response_embeds, batch, head
+        params, config, prompt_embeds, prompt_mask, response_embeds, batch, head, rows_per_prompt
     )
     return grpo.token_log_probs(logits, batch["response_ids"])
 
 
-def und_log_probs(params: Any, config: JanusConfig, und: dict[str, jax.Array]) -> jax.Array:
-    """Answer-token log-probs [B, Ta] under lm_head; image features replace the placeholders."""
-    feats = _apply(params, config, janus.Janus.image_features, und["pixels"])  # [B, M, D]
-    ids = und["prompt_ids"]
-    text = _apply(params, config, janus.Janus.embed_tokens, ids)  # [B, Tp, D]
-    prompt = janus.place_image_features(text, feats, und["image_mask"])
+def _prompts(x: jax.Array, rows_per_prompt: int) -> jax.Array:
+    """[B, ...] -> [B / s, ...]: the first row of each run of s rows that share a prompt."""
+    return x if rows_per_prompt == 1 else x[::rows_per_prompt]
+
+
+def und_log_probs(
+    params: Any, config: JanusConfig, und: dict[str, jax.Array], rows_per_prompt: int = 1
+) -> jax.Array:
+    """Answer-token log-probs [B, Ta] under lm_head; image features replace the placeholders.
+    rows_per_prompt s: runs of s consecutive rows share their prompt and image (encoded once)."""
+    s = rows_per_prompt
+    feats = _apply(params, config, janus.Janus.image_features, _prompts(und["pixels"], s))
+    ids = _prompts(und["prompt_ids"], s)
+    text = _apply(params, config, janus.Janus.embed_tokens, ids)  # [B / s, Tp, D]
+    prompt = janus.place_image_features(text, feats, _prompts(und["image_mask"], s))
     answer = _apply(params, config, janus.Janus.embed_tokens, und["response_ids"])
     return _response_log_probs(
-        params, config, prompt, und["prompt_mask"], answer, und, janus.Janus.text_logits
+        params, config, prompt, _prompts(und["prompt_mask"], s), answer, und,
+        janus.Janus.text_logits, s,
     )
 
 
 def gen_log_probs(
-    params: Any, config: JanusConfig, gen: dict[str, jax.Array], cfg_scale: float | None = None
+    params: Any,
+    config: JanusConfig,
+    gen: dict[str, jax.Array],
+    cfg_scale: float | None = None,
+    rows_per_prompt: int = 1,
 ) -> jax.Array:
     """Image-token log-probs [B, N] under gen_head.
 
     cfg_scale None (default): the conditional prompt's distribution. A number w: the guided
     distribution softmax(u + w (c - u)) the tokens were sampled from, which needs the
     unconditional prompts (gen['uncond_prompt_ids'] / ['uncond_prompt_mask'], [B, Tq]) and costs
-    a second forward pass.
+    a second forward pass. rows_per_prompt: as for `und_log_probs`.
     """
+    s = rows_per_prompt
     codes = _apply(params, config, janus.Janus.image_token_embeds, gen["response_ids"])
 
     def logits(ids, mask):
-        prompt = _apply(params, config, janus.Janus.embed_tokens, ids)
-        return _response_logits(params, config, prompt, mask, codes, gen, janus.Janus.image_logits)
+        prompt = _apply(params, config, janus.Janus.embed_tokens, _prompts(ids, s))
+        return _response_logits(params, config, prompt, _prompts(mask, s), codes, gen,
+                                janus.Janus.image_logits, s)
 
     cond = logits(gen["prompt_ids"], gen["prompt_mask"])  # [B, N, K]
     if cfg_scale is None:
@@ -168,15 +221,20 @@ def gen_log_probs(
 
 
 def log_probs(
-    params: Any, config: JanusConfig, batch: dict[str, Any], cfg_scale: float | None = None
+    params: Any,
+    config: JanusConfig,
+    batch: dict[str, Any],
+    cfg_scale: float | None = None,
+    rows_per_prompt: int = 1,
 ) -> dict[str, jax.Array]:
     """The response log-probs of every task in `batch` ('und' and/or 'gen'): use it for old_logp
-    before the first update, or ref_logp. cfg_scale: see `gen_log_probs`."""
+    before the first update, or ref_logp. cfg_scale: see `gen_log_probs`; rows_per_prompt: runs
+    of that many consecutive rows share their prompt (G for rl.rollout_batch's layout)."""
     out = {}
     if "und" in batch:
-        out["und"] = und_log_probs(params, config, batch["und"])
+        out["und"] = und_log_probs(params, config, batch["und"], rows_per_prompt)
     if "gen" in batch:
-        out["gen"] = gen_log_probs(params, config, batch["gen"], cfg_scale)
+        out["gen"] = gen_log_probs(params, config, batch["gen"], cfg_scale, rows_per_prompt)
     return out
 
 
@@ -194,8 +252,8 @@ def task_log_probs(
 ) -> jax.Array:
     """One task's response log-probs ('und' or 'gen'); runs only that task's forward pass."""
     if task == "und":
-        return und_log_probs(params, config, rows)
-    return gen_log_probs(params, config, rows, cfg.image_cfg_scale)
+        return und_log_probs(params, config, rows, cfg.rows_per_prompt)
+    return gen_log_probs(params, config, rows, cfg.image_cfg_scale, cfg.rows_per_prompt)
 
 
 def policy_log_probs(trainable, frozen, config, cfg, task, rows):

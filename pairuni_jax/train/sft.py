@@ -121,7 +121,7 @@ def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 def sft_losses(trainable, frozen, model_config: JanusConfig, cfg: SFTConfig, batch) -> jax.Array:
     """Token-mean cross-entropies [2] in TASKS order (gen, und)."""
-    update_cfg = rl_step.UpdateConfig(lora=cfg.lora)
+    update_cfg = rl_step.UpdateConfig(lora=cfg.lora, shared_prompts=False)  # rows: own prompts
     return jnp.stack([
         masked_mean(-rl_step.policy_log_probs(trainable, frozen, model_config, update_cfg, t,
                                               batch[t]), batch[t]["response_mask"])
