@@ -57,6 +57,14 @@ def test_a_rerun_with_other_settings_stops_before_any_work(tmp_path):
     assert list(run_lib.run(config, workdir)) == ["world", "vq", "sft", "pairs", "rl"]
 
 
+def test_a_bad_vq_crop_size_is_refused_before_anything_is_written(tmp_path):
+    config = micro_config()
+    config.vq.crop_size = 18  # not a multiple of the VQ's 4x downsampling
+    with pytest.raises(ValueError, match=r"vq\.crop_size 18: need a multiple of 4 in \(0, 32\]"):
+        run_lib.run(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_main_rejects_a_bad_preset(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "pairuni_jax.main", "--config=configs/shapes.py:nope",

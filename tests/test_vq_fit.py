@@ -94,6 +94,8 @@ def test_random_crops_are_grid_aligned_windows_of_each_image():
     assert random_crops(images, 0, 4, np.random.default_rng(1)) is images
     with pytest.raises(ValueError, match="crop_size 18"):
         random_crops(images, 18, 4, np.random.default_rng(1))
+    with pytest.raises(ValueError, match="crop_size 36"):
+        random_crops(images, 36, 4, np.random.default_rng(1))
 
 
 def test_spherical_kmeans_finds_separated_clusters():

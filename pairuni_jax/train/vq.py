@@ -84,16 +84,20 @@ def training_images(num: int, world: WorldConfig = DEFAULT_WORLD, seed: int = 0)
     return np.stack(images)
 
 
+def check_crop_size(size: int, side: int, align: int, field: str = "VQTrainConfig.crop_size"):
+    """Raise naming `field` unless size is 0 (whole images) or a multiple of align in (0, side]."""
+    if size != 0 and (size % align or not 0 < size <= side):
+        raise ValueError(f"{field} {size}: need a multiple of {align} in (0, {side}], or 0")
+
+
 def random_crops(images: np.ndarray, size: int, align: int,
                  rng: np.random.Generator) -> np.ndarray:
     """A random size x size crop of each image [B, S, S, 3] at offsets that are multiples of
     `align` (so crops keep the token grid's phase); size 0 or S: the images themselves."""
     side = images.shape[1]
+    check_crop_size(size, side, align)
     if size in (0, side):
         return images
-    if size % align or not 0 < size < side:
-        raise ValueError(f"VQTrainConfig.crop_size {size}: need a multiple of {align} in "
-                         f"(0, {side}], or 0")
     n = len(images)
     top, left = (align * rng.integers(0, (side - size) // align + 1, (2, n)))  # [2, B]
     rows = top[:, None] + np.arange(size)  # [B, size]
