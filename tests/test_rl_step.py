@@ -150,13 +150,8 @@ def test_sum_step_accumulation_and_old_logp(params, sum_step):
     ):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-4, atol=1e-6)
-    # Scoring every row with its own copy of the prompt gives the same step.
-    state3, m3 = _run(params, dataclasses.replace(cfg, shared_prompts=False), batch)
-    for a, b in zip(
-        jax.tree.leaves(state3.trainable), jax.tree.leaves(state1.trainable), strict=True
-    ):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(m3["loss"], m1["loss"], rtol=1e-4, atol=1e-6)
+    # (One micro-batch shares each prompt over G = 4 rows, two over 2: the log-prob test above
+    # checks both sharing and none against the full-sequence forward.)
     # Frozen parts (vision encoder, VQ) are not in the trainable partition.
     assert state1.trainable["vision_model"] is None or not jax.tree.leaves(
         state1.trainable["vision_model"]
