@@ -94,8 +94,8 @@ class ShapesJob:
         self.config, self.workdir, self.log = config, os.path.abspath(workdir), log
         self.world_dir = os.path.join(self.workdir, "world")
         side = world_config(config).image_size  # a bad crop is refused before any stage runs
-        align = side // vq_lib.shapes_vq_config(side).grid
-        vq_lib.check_crop_size(vq_train_config(config).crop_size, side, align, "vq.crop_size")
+        vq_lib.check_crop_size(vq_train_config(config).crop_size, side,
+                               vq_lib.shapes_vq_config(side).downsample, "vq.crop_size")
 
     def stages(self) -> list[Stage]:
         """The stages in order, each with the config sections its result depends on."""
