@@ -281,14 +281,24 @@ def test_heldout_combinations_never_reach_training():
     seen = defaultdict(set)
     for i in range(150):
         for make in (generation_item, understanding_item, aligned_item):
-            train, test = make(0, i, "train"), make(0, i, "heldout")
+            train, heldout = make(0, i, "train"), make(0, i, "heldout")
             assert not train.keys() & held
-            assert test.keys() & held
+            assert heldout.keys() & held
             for o in train.scene:
                 assert (o.color, o.shape) not in HeldOut().color_shapes
-            for k in test.keys() & held:
+            for k in heldout.keys() & held:
                 seen[k[0]].add(k)
     assert len(seen["color_shape"]) == 3 and len(seen["relation"]) == 2 and seen["count"]
+
+
+def test_the_test_split_is_new_scenes_from_the_training_distribution():
+    held = HeldOut().keys()
+    for make in (generation_item, understanding_item):
+        train = [make(0, i, "train") for i in range(60)]
+        test = [make(0, i, "test") for i in range(60)]
+        assert not any(item.keys() & held for item in test)
+        # Own random streams: item i of the test split is not item i of the training split.
+        assert sum(a.scene == b.scene for a, b in zip(train, test, strict=True)) < 3
 
 
 # ------------------------------------------------------------------------------------ writer
@@ -304,14 +314,15 @@ def _digest(root: str) -> str:
 
 
 def test_write_world_outputs_valid_deterministic_files(tmp_path):
-    kw = dict(train_size=30, train_pairs=12, heldout_size=10, heldout_pairs=6, seed=7,
-              tokenizer=False)
+    kw = dict(train_size=30, train_pairs=12, heldout_size=10, heldout_pairs=6, test_size=8,
+              seed=7, tokenizer=False)
     files = write_world(str(tmp_path / "a"), **kw)
     write_world(str(tmp_path / "b"), **kw)
     assert _digest(str(tmp_path / "a")) == _digest(str(tmp_path / "b"))
 
     expected = {"train": {"understanding": 30, "generation": 30, "aligned_pairs": 12},
-                "heldout": {"understanding": 10, "generation": 10, "aligned_pairs": 6}}
+                "heldout": {"understanding": 10, "generation": 10, "aligned_pairs": 6},
+                "test": {"understanding": 8, "generation": 8, "aligned_pairs": 0}}
     for split, counts in expected.items():
         for name, n in counts.items():
             result = pairug.validate(files[f"{split}_{name}"])

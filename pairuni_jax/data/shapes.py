@@ -1,5 +1,5 @@
-"""The Shapes world: seeded items (scene + prompt and/or question), the held-out split, and the
-dataset writer.
+"""The Shapes world: seeded items (scene + prompt and/or question), the held-out and test splits,
+and the dataset writer.
 
     python -m pairuni_jax.data.shapes --out /tmp/shapes --seed 0
 
@@ -11,12 +11,16 @@ writes images and JSONL files in the shared formats (paths relative to --out):
     {split}_scenes.jsonl          {"image_path", "objects": [...]}: ground truth for debugging
     world.json                    the config, held-out combinations, seed and file list
     tokenizer/                    the world's word-level tokenizer (see shapes_tokenizer.py)
-with split in {train, heldout}. Understanding and generation sets use disjoint scenes, so the
-pairing command can build retrieved pairs between them.
+with split in {train, heldout, test}. Understanding and generation sets use disjoint scenes, so
+the pairing command can build retrieved pairs between them.
 
 Held-out split (compositional generalisation): a set of colour-shape pairs, relation triples and
 counted shapes is held back. No training image shows a held-out colour-shape pair and no training
 text names a held-out combination; every held-out item shows or names at least one.
+
+Test split (in-distribution): new scenes drawn by the training rule (no held-out combination),
+from their own random streams; it measures what training teaches on the distribution it saw.
+It has understanding and generation items and no aligned pairs.
 """
 
 from __future__ import annotations
@@ -55,8 +59,8 @@ from pairuni_jax.data.shapes_text import (
     scene_keys,
 )
 
-SPLITS = ("train", "heldout")
-_SPLIT_IDS = {"train": 0, "heldout": 1}
+SPLITS = ("train", "heldout", "test")
+_SPLIT_IDS = {"train": 0, "heldout": 1, "test": 2}
 _KIND_IDS = {"und": 0, "gen": 1, "pair": 2}
 
 # For aligned pairs, questions whose answer the prompt states come first.
@@ -276,6 +280,7 @@ def write_world(
     train_pairs: int = 600,
     heldout_size: int = 300,
     heldout_pairs: int = 150,
+    test_size: int = 300,
     cfg: WorldConfig = DEFAULT_WORLD,
     heldout: HeldOut = DEFAULT_HELDOUT,
     seed: int = 0,
@@ -286,7 +291,8 @@ def write_world(
     `*_size` is the number of understanding items and of generation items per split; `*_pairs`
     the number of aligned pairs. The output is a pure function of the arguments.
     """
-    sizes = {"train": (train_size, train_pairs), "heldout": (heldout_size, heldout_pairs)}
+    sizes = {"train": (train_size, train_pairs), "heldout": (heldout_size, heldout_pairs),
+             "test": (test_size, 0)}
     files: dict[str, str] = {}
     for split in SPLITS:
         os.makedirs(os.path.join(out_dir, "images", split), exist_ok=True)
@@ -346,13 +352,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train_pairs", type=int, default=600)
     parser.add_argument("--heldout_size", type=int, default=300)
     parser.add_argument("--heldout_pairs", type=int, default=150)
+    parser.add_argument("--test_size", type=int, default=300)
     parser.add_argument("--shuffle_options", action="store_true",
                         help="draw <= 4 multiple-choice options in random order (default: all "
                              "options of a question type in one fixed order)")
     args = parser.parse_args(argv)
     files = write_world(args.out, train_size=args.train_size, train_pairs=args.train_pairs,
                         heldout_size=args.heldout_size, heldout_pairs=args.heldout_pairs,
-                        cfg=WorldConfig(image_size=args.image_size,
+                        test_size=args.test_size, cfg=WorldConfig(image_size=args.image_size,
                                         shuffle_options=args.shuffle_options),
                         seed=args.seed)
     for name, path in files.items():
