@@ -27,6 +27,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         train_pairs=100 if smoke else 600,  # aligned pairs
         heldout_size=60 if smoke else 300,
         heldout_pairs=30 if smoke else 150,
+        test_size=60 if smoke else 300,  # in-distribution test items (new scenes) per task
         shuffle_options=False,  # True: <= 4 multiple-choice options in random order
     )
     # The tiny VQ (Janus's VQ-16 architecture, 3 levels), fitted on the world's images.
@@ -90,8 +91,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         eval_every=0 if smoke else 50,
     )
     c.reward = dict(generation="shapes")  # hpsv2 | clip | shapes, or weighted: "shapes=1,clip=0.5"
+    # Evaluation on the held-out (compositional) and test (in-distribution) splits, each.
     c.eval = dict(
         num_understanding=40 if smoke else 200,
         num_generation=24 if smoke else 96,
+        und_samples=4,  # answers sampled per question at rl.temperature for und/acc_sampled
     )
     return c

@@ -16,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Flat overrides of configs/shapes.py:smoke (also written into the notebook's parameters).
 MICRO_OVERRIDES = {
     "world.train_size": 24, "world.train_pairs": 12, "world.heldout_size": 12,
-    "world.heldout_pairs": 4,
+    "world.heldout_pairs": 4, "world.test_size": 4,
     "vq.steps": 4, "vq.warmup_steps": 1, "vq.batch_size": 8, "vq.num_images": 32,
     "vq.eval_per_category": 2,
     "sft.steps": 3, "sft.batch_size": 4, "sft.log_every": 1,

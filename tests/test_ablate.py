@@ -113,9 +113,11 @@ def test_gain_over_sft_is_judged_against_the_spread_over_seeds():
     rows += [{"variant": "gen_only", "eval/und/acc_overall": 0.7, "eval/gen/acc_overall": 0.3}]
     table = ablate.gains(rows, [ablate.VARIANTS[n] for n in ("pair_sqrt", "unpaired",
                                                               "gen_only", "und_only")], sft)
+    assert table.splitlines()[0] == ("| variant | seeds | und gain (spread) | gen gain (spread) "
+                                     "| gain > spread |")  # columns the SFT start has
     lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
-    assert lines["pair_sqrt"] == "| pair_sqrt | 3 | +0.100 (0.020) | +0.100 (0.020) | yes |"
-    assert lines["unpaired"].endswith("| +0.050 (0.212) | +0.200 (0.000) | no |")
+    assert lines["pair_sqrt"] == "| pair_sqrt | 3 | +0.100 (0.020) | +0.100 (0.020) | und, gen |"
+    assert lines["unpaired"].endswith("| +0.050 (0.212) | +0.200 (0.000) | gen |")
     assert lines["gen_only"].endswith("| one seed |")
     assert "und_only" not in lines  # no finished runs
 

@@ -8,8 +8,11 @@ import sys
 import pytest
 from micro_job import REPO, copy_of_micro_run, micro_config, micro_run
 
+from pairuni_jax.checkpoints import load_janus
+from pairuni_jax.sampling import Sampling
 from pairuni_jax.train import run as run_lib
 from pairuni_jax.train.metrics import read_jsonl
+from pairuni_jax.train.shapes_job import ShapesJob
 from pairuni_jax.train.stages import StageInputsChanged
 
 pytestmark = pytest.mark.slow
@@ -71,3 +74,35 @@ def test_main_rejects_a_bad_preset(tmp_path):
          f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert "unknown preset 'nope'" in out.stderr
+
+
+def test_sampled_accuracy_at_a_near_zero_temperature_is_the_greedy_accuracy():
+    workdir, _ = micro_run()
+    job = ShapesJob(micro_config(), workdir)
+    model_dir = os.path.join(workdir, "sft", "model")
+    model_config, params = load_janus(model_dir)
+    proc = job.processor(model_dir)
+    evaluator = job.evaluator(proc, model_config)
+    evaluator.temperature = 1e-4
+    for items in evaluator.splits:
+        greedy = [a[0] for a in evaluator.answers_of(params, items)]
+        sampled = evaluator.answers_of(params, items, 3, Sampling(temperature=1e-4))
+        assert sampled == [[a] * 3 for a in greedy]
+    metrics, _, _ = evaluator(params)
+    for prefix in ("und", "und_test"):
+        assert metrics[f"{prefix}/acc_sampled"] == metrics[f"{prefix}/acc_overall"]
+
+
+@pytest.mark.long
+def test_the_smoke_preset_runs_end_to_end_and_its_training_reward_rises(tmp_path):
+    """`configs/shapes.py:smoke` as a user runs it; CI runs the micro version above."""
+    out = subprocess.run(
+        [sys.executable, "-m", "pairuni_jax.main", "--config=configs/shapes.py:smoke",
+         f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert os.path.exists(tmp_path / "report.md")
+    train = [r for r in read_jsonl(str(tmp_path / "rl" / "metrics.jsonl")) if "train/loss" in r]
+    reward = [(r["train/und/reward_mean"] + r["train/gen/reward_mean"]) / 2 for r in train]
+    third = len(reward) // 3
+    first, last = sum(reward[:third]) / third, sum(reward[-third:]) / third
+    assert last > first + 0.05, (first, last, reward)

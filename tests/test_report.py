@@ -22,9 +22,14 @@ def test_report_of_the_micro_run_shows_every_eval_point_and_the_training_summary
     header = next(line for line in text.splitlines() if line.startswith("| category"))
     assert header.split(" | ")[1:] == ["sft start", "after SFT (3)", "rl start",
                                        "after RL (2) |"]
+    # a table per evaluation set: both tasks on the held-out and the test split
+    for name in report.EVAL_SETS.values():
+        assert f"### {name.capitalize()}" in text
     # rows: overall first, then each category the evaluator reported, with its values
-    for task in ("und", "gen"):
+    for task in report.EVAL_SETS:
         cats = sorted(k.split("/acc_")[1] for k in rl.evals[2] if k.startswith(f"{task}/acc_"))
+        assert cats, task
+        assert ("sampled" in cats) == task.startswith("und")
         for cat in cats:
             values = [sft.evals[0], sft.evals[3], rl.evals[0], rl.evals[2]]
             row = f"| {cat} | " + " | ".join(f"{m[f'{task}/acc_{cat}']:.3f}" for m in values)

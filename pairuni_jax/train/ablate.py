@@ -232,11 +232,17 @@ def _cell(stat: tuple[float, float] | None, n: int) -> str:
     return f"{stat[0]:.3f} ± {stat[1]:.3f}" if n > 1 else f"{stat[0]:.3f}"
 
 
-TABLE_COLUMNS = (("held-out und acc", "eval/und/acc_overall"),
-                 ("held-out gen acc", "eval/gen/acc_overall"),
-                 ("final und reward", "train/und/reward_mean"),
-                 ("final gen reward", "train/gen/reward_mean"),
-                 ("pair weight mean", "train/pair_weight_mean"))
+# (label, metric) of the accuracies compared: held-out (compositional) and test (in-distribution)
+# splits; `sampled` is the expected accuracy of one answer at the RL temperature.
+ACCURACY_COLUMNS = (("und", "eval/und/acc_overall"),
+                    ("und sampled", "eval/und/acc_sampled"),
+                    ("gen", "eval/gen/acc_overall"),
+                    ("test und", "eval/und_test/acc_overall"),
+                    ("test und sampled", "eval/und_test/acc_sampled"),
+                    ("test gen", "eval/gen_test/acc_overall"))
+TABLE_COLUMNS = ACCURACY_COLUMNS + (("final und reward", "train/und/reward_mean"),
+                                    ("final gen reward", "train/gen/reward_mean"),
+                                    ("pair weight mean", "train/pair_weight_mean"))
 
 
 def markdown(rows: Sequence[dict], variants: Sequence[Variant], sft: dict[str, float]) -> str:
@@ -254,30 +260,29 @@ def markdown(rows: Sequence[dict], variants: Sequence[Variant], sft: dict[str, f
     return "\n".join(lines)
 
 
-GAIN_COLUMNS = (("und", "eval/und/acc_overall"), ("gen", "eval/gen/acc_overall"))
-
-
 def gains(rows: Sequence[dict], variants: Sequence[Variant], sft: dict[str, float]) -> str:
-    """Held-out accuracy gained over the SFT start per variant: mean gain and the spread (sample
-    std over seeds); 'yes' where every task's gain is positive and larger than its spread."""
-    header = ["variant", "seeds"] + [f"{t} gain (spread)" for t, _ in GAIN_COLUMNS]
-    lines = ["| " + " | ".join(header + ["gain > spread, both tasks"]) + " |",
+    """Accuracy gained over the SFT start per variant and column: mean gain and the spread (sample
+    std over seeds); the last column names the accuracies whose gain is positive and larger than
+    its spread."""
+    columns = [(label, key) for label, key in ACCURACY_COLUMNS if key in sft]
+    header = ["variant", "seeds"] + [f"{label} gain (spread)" for label, _ in columns]
+    lines = ["| " + " | ".join(header + ["gain > spread"]) + " |",
              "|" + "---|" * (len(header) + 1)]
     for v in variants:
         mine = [r for r in rows if r["variant"] == v.name]
-        if not mine or any(k not in sft for _, k in GAIN_COLUMNS):
+        if not mine or not columns:
             continue
-        cells, clears = [], len(mine) > 1
-        for _, key in GAIN_COLUMNS:
+        cells, cleared = [], []
+        for label, key in columns:
             stat = _mean_std([r.get(key) for r in mine])
             if stat is None:
                 cells.append("–")
-                clears = False
                 continue
             gain = stat[0] - sft[key]
             cells.append(f"{gain:+.3f} ({stat[1]:.3f})")
-            clears = clears and gain > 0 and gain > stat[1]
-        verdict = "yes" if clears else ("no" if len(mine) > 1 else "one seed")
+            if gain > 0 and gain > stat[1]:
+                cleared.append(label)
+        verdict = (", ".join(cleared) or "none") if len(mine) > 1 else "one seed"
         lines.append(f"| {v.name} | {len(mine)} | " + " | ".join(cells) + f" | {verdict} |")
     return "\n".join(lines)
 
@@ -306,18 +311,19 @@ def plot(workdir: str, rows: Sequence[dict], variants: Sequence[Variant],
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     ax = axes[0]
     x = np.arange(len(names))
-    for i, (task, key) in enumerate((("und", "eval/und/acc_overall"),
-                                     ("gen", "eval/gen/acc_overall"))):
+    bars = [(label, key) for label, key in ACCURACY_COLUMNS if "sampled" not in label]
+    width = 0.8 / len(bars)
+    for i, (label, key) in enumerate(bars):
         stats = [_mean_std([r.get(key) for r in rows if r["variant"] == n]) for n in names]
-        ax.bar(x + (i - 0.5) * 0.38, [s[0] if s else np.nan for s in stats], 0.38,
-               yerr=[s[1] if s else 0 for s in stats], capsize=3, color=f"C{i}",
-               label=report_lib.TASK_NAMES[task])
+        ax.bar(x + (i - (len(bars) - 1) / 2) * width, [s[0] if s else np.nan for s in stats],
+               width, yerr=[s[1] if s else 0 for s in stats], capsize=3, color=f"C{i}",
+               label=label.replace("und", "understanding").replace("gen", "generation"))
         if key in sft:
             ax.axhline(sft[key], color=f"C{i}", ls="--", lw=1)
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set_ylim(0, 1)
-    ax.set_ylabel("held-out accuracy (dashed: SFT)")
-    ax.set_title("Final held-out accuracy")
+    ax.set_ylabel("accuracy (dashed: SFT)")
+    ax.set_title("Final accuracy (held-out; test: in-distribution)")
     ax.legend()
     for ax, task in zip(axes[1:], report_lib.TASK_NAMES, strict=True):
         for i, name in enumerate(names):
@@ -355,8 +361,10 @@ def write_outputs(workdir: str, variants: Sequence[Variant], seeds: Sequence[int
              "csv": os.path.join(out_dir, "ablation.csv"),
              "plot": os.path.join(out_dir, "ablation.png")}
     text = ["# Ablations on the Shapes world (PairUni Tables 5-6)", "",
-            "Every run starts from the same SFT policy and is scored by the same held-out "
-            "evaluator; accuracies are overall (understanding: multiple-choice accuracy, "
+            "Every run starts from the same SFT policy and is scored by the same evaluator on "
+            "the held-out (compositional) split and the test (in-distribution, `test ...`) "
+            "split; accuracies are overall (understanding: greedy multiple-choice accuracy, "
+            "`sampled`: expected accuracy of one answer sampled at the RL temperature; "
             "generation: strict GenEval-style accuracy, mean over categories); rewards are the "
             "last step's means. With several seeds: mean ± sample std.", "",
             markdown(rows, variants, sft), "", "## Gain over the SFT start", "",

@@ -1,13 +1,21 @@
-"""Held-out evaluation on the Shapes world, the way MMStar/POPE and GenEval score real models.
+"""Evaluation on the Shapes world, the way MMStar/POPE and GenEval score real models.
 
-Understanding: greedy answers to held-out multiple-choice questions, read by the reward's letter
-extraction; accuracy by question tag. Generation: one CFG sample per held-out prompt (fixed key,
-the RL temperature and guidance), decoded by the VQ and scored by the world's checker; strict
-GenEval-style accuracy by category, their mean ("overall") and the mean fraction of constraints.
+Two splits: `heldout` (compositional: every item shows or names a colour-shape pair, relation or
+count that training never saw; metric keys `und/...`, `gen/...`) and `test` (new scenes from the
+training distribution; `und_test/...`, `gen_test/...`).
+
+Understanding: greedy answers to the multiple-choice questions, read by the reward's letter
+extraction; accuracy by question tag. `acc_sampled` is the expected accuracy of one answer sampled
+at the RL temperature (the mean over `und_samples` answers per question, fixed key): what GRPO
+optimises, and it moves before the greedy answer flips. Generation: one CFG sample per prompt
+(fixed key, the RL temperature and guidance), decoded by the VQ and scored by the world's
+checker; strict GenEval-style accuracy by category, their mean ("overall") and the mean fraction
+of constraints.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 
@@ -36,67 +44,109 @@ def _real(rows: np.ndarray) -> int:
     return int(rows[-1] - rows[0] + 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class _SplitItems:
+    """One split's evaluation items, tokenised and preprocessed once."""
+
+    prefix: str  # metric key suffix of the task: "" (heldout) or "_test"
+    answers: list[str]
+    tags: list[str]
+    und_pixels: np.ndarray  # [Nu, S, S, 3]
+    und_ids: np.ndarray  # [Nu, Lu] left-padded
+    und_mask: np.ndarray  # [Nu, Lu]
+    prompts: list[str]
+    gen_ids: np.ndarray  # [Ng, Lg] left-padded
+    gen_mask: np.ndarray  # [Ng, Lg]
+
+
+def _metric_prefix(split: str) -> str:
+    return "" if split == "heldout" else f"_{split}"
+
+
 class ShapesEvaluator:
-    """`evaluator(params, step) -> (metrics, sample images uint8 [n, H, W, 3], captions)`."""
+    """`evaluator(params, step) -> (metrics, sample images uint8 [n, H, W, 3], captions)`; the
+    sample images are the first split's."""
 
     def __init__(self, world_dir: str, processor: JanusProcessor, model_config: JanusConfig, *,
                  num_understanding: int = 200, num_generation: int = 120, guidance: float = 5.0,
-                 temperature: float = 1.0, max_new_tokens: int = 8, batch_size: int = 64,
-                 num_images: int = 16, seed: int = 0, split: str = "heldout",
+                 temperature: float = 1.0, max_new_tokens: int = 8, und_samples: int = 4,
+                 batch_size: int = 64, num_images: int = 16, seed: int = 0,
+                 splits: Sequence[str] = ("heldout", "test"),
                  world_config: WorldConfig = DEFAULT_WORLD):
         self.processor, self.config = processor, model_config
         self.guidance, self.temperature = guidance, temperature
-        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-        self.num_images, self.key = num_images, jax.random.key(seed)
+        self.max_new_tokens, self.und_samples = max_new_tokens, und_samples
+        self.batch_size, self.num_images, self.key = batch_size, num_images, jax.random.key(seed)
         self.world_config = world_config
-        und = read_jsonl(os.path.join(world_dir, f"{split}_understanding.jsonl"))
-        und = und[:num_understanding]
-        gen = read_jsonl(os.path.join(world_dir, f"{split}_generation.jsonl"))[:num_generation]
+        self.splits = [self._load(world_dir, split, num_understanding, num_generation)
+                       for split in splits]
+
+    def _load(self, world_dir: str, split: str, num_und: int, num_gen: int) -> _SplitItems:
+        p = self.processor
+        und = read_jsonl(os.path.join(world_dir, f"{split}_understanding.jsonl"))[:num_und]
+        gen = read_jsonl(os.path.join(world_dir, f"{split}_generation.jsonl"))[:num_gen]
         if not und or not gen:
             raise ValueError(f"{world_dir}: no {split} items to evaluate on")
-        self.answers = [r["answer"] for r in und]
-        self.tags = [r["tag"] for r in und]
-        self.und_pixels = np.stack([
-            processor.preprocess_image(Image.open(os.path.join(world_dir, r["image_path"])))
-            for r in und])  # [Nu, S, S, 3]
-        self.und_ids, self.und_mask = rollout.pad_prompts(
-            [processor.understanding_ids(r["question"]) for r in und], processor.pad_id)
-        self.prompts = [r["prompt"] for r in gen]
-        self.gen_ids, self.gen_mask = rollout.pad_prompts(
-            [processor.generation_ids(p) for p in self.prompts], processor.pad_id)
+        und_ids, und_mask = rollout.pad_prompts(
+            [p.understanding_ids(r["question"]) for r in und], p.pad_id)
+        prompts = [r["prompt"] for r in gen]
+        gen_ids, gen_mask = rollout.pad_prompts([p.generation_ids(x) for x in prompts], p.pad_id)
+        pixels = np.stack([p.preprocess_image(Image.open(os.path.join(world_dir, r["image_path"])))
+                           for r in und])
+        return _SplitItems(_metric_prefix(split), [r["answer"] for r in und],
+                           [r["tag"] for r in und], pixels, und_ids, und_mask, prompts, gen_ids,
+                           gen_mask)
 
-    def answers_of(self, params) -> list[str]:
-        """Greedy decoded answers to every evaluation question."""
+    def answers_of(self, params, items: _SplitItems, num_samples: int = 1,
+                   sampling: rollout.Sampling = rollout.GREEDY) -> list[list[str]]:
+        """`num_samples` decoded answers to every question of a split: [Nu][num_samples]."""
         p, out = self.processor, []
-        for s in _batches(len(self.und_ids), self.batch_size):
+        for i, s in enumerate(_batches(len(items.und_ids), self.batch_size)):
             text = rollout.generate_text(
-                params, self.config, self.und_ids[s], self.und_mask[s], self.key,
-                self.und_pixels[s], num_samples=1, max_new_tokens=self.max_new_tokens,
-                sampling=rollout.GREEDY, eos_id=p.eos_id, pad_id=p.pad_id,
-                image_token_id=p.image_placeholder_id)
+                params, self.config, items.und_ids[s], items.und_mask[s],
+                jax.random.fold_in(self.key, i), items.und_pixels[s], num_samples=num_samples,
+                max_new_tokens=self.max_new_tokens, sampling=sampling, eos_id=p.eos_id,
+                pad_id=p.pad_id, image_token_id=p.image_placeholder_id)
             n = _real(s)
-            tokens, mask = np.asarray(text.tokens[:n, 0]), np.asarray(text.mask[:n, 0])
-            out += [p.decode(t[m]) for t, m in zip(tokens, mask, strict=True)]
+            tokens, mask = np.asarray(text.tokens[:n]), np.asarray(text.mask[:n])  # [n, k, T]
+            out += [[p.decode(t[m]) for t, m in zip(row_t, row_m, strict=True)]
+                    for row_t, row_m in zip(tokens, mask, strict=True)]
         return out
 
-    def images_of(self, params) -> np.ndarray:
-        """One CFG sample per evaluation prompt: uint8 [Ng, H, W, 3]."""
+    def images_of(self, params, items: _SplitItems) -> np.ndarray:
+        """One CFG sample per prompt of a split: uint8 [Ng, H, W, 3]."""
         p, out = self.processor, []
         sampling = rollout.Sampling(temperature=self.temperature)
-        for i, s in enumerate(_batches(len(self.gen_ids), self.batch_size)):
+        for i, s in enumerate(_batches(len(items.gen_ids), self.batch_size)):
             imgs = rollout.generate_images(
-                params, self.config, self.gen_ids[s], self.gen_mask[s],
+                params, self.config, items.gen_ids[s], items.gen_mask[s],
                 jax.random.fold_in(self.key, i), self.guidance, num_samples=1,
                 sampling=sampling, bos_id=p.bos_id, boi_id=p.image_start_id, pad_id=p.pad_id)
             out.append(np.asarray(imgs.pixels[:_real(s), 0]))
         return np.concatenate(out)
 
+    def split_metrics(self, params, items: _SplitItems) -> tuple[dict[str, float], np.ndarray]:
+        """(metrics of one split, its generated images)."""
+        greedy = [a[0] for a in self.answers_of(params, items)]
+        und = mc_accuracy([extract_choice(a) for a in greedy], items.answers, items.tags)
+        if self.und_samples:
+            sampled = self.answers_of(params, items, self.und_samples,
+                                      rollout.Sampling(temperature=self.temperature))
+            hits = [[extract_choice(a) == gold for a in answers]
+                    for answers, gold in zip(sampled, items.answers, strict=True)]
+            und["sampled"] = float(np.mean(hits))
+        images = self.images_of(params, items)
+        gen = geneval_accuracy(images, items.prompts, self.world_config)
+        metrics = {f"und{items.prefix}/acc_{k}": v for k, v in und.items()}
+        metrics.update({f"gen{items.prefix}/acc_{k}": v for k, v in gen.items()})
+        return metrics, images
+
     def __call__(self, params, step: int = 0):
-        answers = self.answers_of(params)
-        und = mc_accuracy([extract_choice(a) for a in answers], self.answers, self.tags)
-        images = self.images_of(params)
-        gen = geneval_accuracy(images, self.prompts, self.world_config)
-        metrics = {f"und/acc_{k}": v for k, v in und.items()}
-        metrics.update({f"gen/acc_{k}": v for k, v in gen.items()})
-        n = min(self.num_images, len(images))
-        return metrics, images[:n], self.prompts[:n]
+        metrics, shown = {}, None
+        for items in self.splits:
+            split_metrics, images = self.split_metrics(params, items)
+            metrics.update(split_metrics)
+            shown = images if shown is None else shown
+        first = self.splits[0]
+        n = min(self.num_images, len(shown))
+        return metrics, shown[:n], first.prompts[:n]

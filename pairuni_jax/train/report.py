@@ -3,10 +3,10 @@
 Inputs: each stage's `result.json` (stages.py) and the `metrics.jsonl` of the training stages
 (metrics.py: one record per logged step, `train/...` scalars, and `eval/...` scalars at every
 evaluation). Outputs, in the workdir:
-  report.md          held-out understanding and generation accuracy by category at every evaluation
-                     (after SFT and after RL among them), and a training summary per stage
+  report.md          understanding and generation accuracy by category on each evaluation split at
+                     every evaluation (after SFT and after RL among them), and a training summary
   rewards.png        RL reward mean per task vs step, raw and smoothed
-  eval_accuracy.png  held-out accuracies (overall and by category) vs step, SFT and RL
+  eval_accuracy.png  accuracies (overall and by category) vs step, per stage and evaluation set
 
 A resumed stage appends to its metrics.jsonl, so a step can appear twice (the steps between the
 last checkpoint and a preemption run again): the later record of a step wins.
@@ -26,6 +26,11 @@ from pairuni_jax.train.stages import load_result
 
 TRAINING_STAGES = ("sft", "rl")
 TASK_NAMES = {"und": "understanding", "gen": "generation"}
+# Metric prefixes of the evaluation sets (evaluate.py), in report order.
+EVAL_SETS = {"und": "understanding, held-out (compositional)",
+             "gen": "generation, held-out (compositional)",
+             "und_test": "understanding, test (in-distribution)",
+             "gen_test": "generation, test (in-distribution)"}
 
 
 @dataclasses.dataclass
@@ -103,7 +108,8 @@ def accuracy_table(points: Sequence[tuple[str, dict[str, float]]], task: str) ->
     return markdown_table(["category"] + [label for label, _ in points], rows)
 
 
-SUMMARY_METRICS = ("overall", "constraints")  # not categories: listed first, drawn in black
+# Not categories: listed first, drawn in black.
+SUMMARY_METRICS = ("overall", "sampled", "constraints")
 
 
 def _label(key: str) -> str:
@@ -171,9 +177,18 @@ def plot_rewards(log: StageLog, path: str, title: str = "Pair-GRPO rewards") -> 
     return path
 
 
+_SUMMARY_STYLE = {"sampled": "--", "constraints": ":"}
+
+
+def _eval_sets(logs: Mapping[str, StageLog]) -> list[str]:
+    """The evaluation sets that some evaluation reported, in EVAL_SETS order."""
+    keys = {k.split("/", 1)[0] for log in logs.values() for m in log.evals.values() for k in m}
+    return [name for name in EVAL_SETS if name in keys]
+
+
 def plot_evals(logs: Mapping[str, StageLog], path: str) -> str | None:
-    """Held-out accuracy vs step: one row per stage, columns understanding / generation; overall
-    in bold, categories thin."""
+    """Accuracy vs step: one row per stage, a column per evaluation set; summaries in black,
+    categories thin."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,10 +197,12 @@ def plot_evals(logs: Mapping[str, StageLog], path: str) -> str | None:
     logs = {k: v for k, v in logs.items() if v.evals}
     if not logs:
         return None
-    fig, axes = plt.subplots(len(logs), 2, figsize=(10, 3.2 * len(logs)), squeeze=False)
+    sets = _eval_sets(logs)
+    fig, axes = plt.subplots(len(logs), len(sets), figsize=(5 * len(sets), 3.2 * len(logs)),
+                             squeeze=False)
     for row, (stage, log) in enumerate(logs.items()):
         steps = list(log.evals)
-        for col, task in enumerate(TASK_NAMES):
+        for col, task in enumerate(sets):
             ax = axes[row, col]
             keys = sorted({k for m in log.evals.values() for k in m
                            if k.startswith(f"{task}/acc_")})
@@ -194,8 +211,8 @@ def plot_evals(logs: Mapping[str, StageLog], path: str) -> str | None:
                 summary = _label(key) in SUMMARY_METRICS
                 ax.plot(steps, values, marker="o", lw=2.5 if summary else 1,
                         color="k" if summary else None, alpha=1 if summary else 0.7,
-                        ls=":" if _label(key) == "constraints" else "-", label=_label(key))
-            ax.set_title(f"{stage.upper()}: held-out {TASK_NAMES[task]} accuracy")
+                        ls=_SUMMARY_STYLE.get(_label(key), "-"), label=_label(key))
+            ax.set_title(f"{stage.upper()}: {EVAL_SETS[task]}", fontsize=9)
             ax.set_xlabel(f"{stage.upper()} step")
             ax.set_ylim(-0.02, 1.02)
             ax.grid(alpha=0.3)
@@ -221,13 +238,16 @@ def write_report(workdir: str, stage_names: Sequence[str] = ("world", "vq", "sft
     lines = [f"# {title}", "", f"Workdir: `{os.path.abspath(workdir)}`", ""]
     points = eval_points(logs)
     if points:
-        lines += ["## Held-out accuracy", "",
+        lines += ["## Evaluation", "",
+                  "Held-out (compositional): every item shows or names a combination training "
+                  "never saw. Test (in-distribution): new scenes from the training distribution. "
                   "Understanding: greedy multiple-choice accuracy by question tag (`overall`: over "
-                  "all questions). Generation: strict GenEval-style accuracy by prompt category "
+                  "all questions; `sampled`: expected accuracy of one answer sampled at the RL "
+                  "temperature). Generation: strict GenEval-style accuracy by prompt category "
                   "(`overall`: mean over categories; `constraints`: mean fraction of a prompt's "
                   "constraints met). Columns: every evaluation, by stage and step.", ""]
-        for task, name in TASK_NAMES.items():
-            lines += [f"### {name.capitalize()}", "", accuracy_table(points, task), ""]
+        for task in _eval_sets(logs):
+            lines += [f"### {EVAL_SETS[task].capitalize()}", "", accuracy_table(points, task), ""]
     total = sum((load_result(workdir, n) or {}).get("seconds", 0.0) for n in stage_names)
     lines += ["## Training summary", "",
               "Final values: RL rows give the last logged reward means, SFT rows the last losses.",
@@ -249,7 +269,7 @@ def write_report(workdir: str, stage_names: Sequence[str] = ("world", "vq", "sft
     if "rl" in logs and plot_rewards(logs["rl"], os.path.join(workdir, "rewards.png")):
         figures.append(("RL reward mean per task", "rewards.png"))
     if plot_evals(logs, os.path.join(workdir, "eval_accuracy.png")):
-        figures.append(("Held-out accuracy", "eval_accuracy.png"))
+        figures.append(("Evaluation accuracy", "eval_accuracy.png"))
     if figures:
         lines += ["## Curves", ""] + [f"![{alt}]({file})" for alt, file in figures] + [""]
     out = os.path.join(workdir, "report.md")

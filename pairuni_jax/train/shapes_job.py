@@ -125,6 +125,7 @@ class ShapesJob:
         w = self.config.world
         files = write_world(stage_dir, train_size=w.train_size, train_pairs=w.train_pairs,
                             heldout_size=w.heldout_size, heldout_pairs=w.heldout_pairs,
+                            test_size=w.test_size,
                             cfg=world_config(self.config), seed=self.config.seed)
         return {"files": {k: os.path.relpath(v, stage_dir) for k, v in files.items()}}
 
@@ -217,8 +218,9 @@ class ShapesJob:
         e, r = self.config.eval, self.config.rl
         return ShapesEvaluator(self.world_dir, proc, model_config,
                                num_understanding=e.num_understanding,
-                               num_generation=e.num_generation, guidance=r.guidance,
-                               temperature=r.temperature, seed=self.config.seed,
+                               num_generation=e.num_generation, und_samples=e.und_samples,
+                               guidance=r.guidance, temperature=r.temperature,
+                               seed=self.config.seed,
                                world_config=world_config(self.config))
 
     def rl(self, stage_dir: str) -> dict[str, Any]:
