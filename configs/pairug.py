@@ -42,8 +42,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     # PairUG pairs: a JSONL file (`pairug validate` checks it) or a directory written by the TFDS
     # builder (data/tfds_pairug.py). image_root: where image paths resolve ('' = the file's dir).
+    # fast_resize: large JPEGs decode at 1/2-1/8 scale before the bicubic resize (~1.8x the
+    # pairs/s per core, mean |pixel diff| ~0.003 on [-1, 1]); False: bit-identical to the
+    # reference's preprocessing.
     c.data = dict(path="", image_root="", on_error="raise", bucket_multiple=64,
-                  fast_resize=False)
+                  fast_resize=True)
 
     # Generation reward (rl/rewards.py registry): "hpsv2", "clip", "shapes", or weighted,
     # e.g. "hpsv2=1,clip=0.5". Understanding: multiple-choice accuracy (+ rl.format_weight).
