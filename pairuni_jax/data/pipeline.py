@@ -251,6 +251,10 @@ class PairPipeline:
         options = tf.data.Options()
         options.deterministic = True
         options.threading.private_threadpool_size = available_cores()
+        # tf.data's autotuner often settled this map on one call at a time (on 2 cores: one core
+        # busy, 76 pairs/s at any num_parallel_calls); without it AUTOTUNE means one call per
+        # thread of the pool, and the map keeps every core busy (`bench input`).
+        options.autotune.enabled = False
         return ds.with_options(options).prefetch(c.prefetch_batches)
 
     def _text_arrays(self, indices: np.ndarray) -> dict:
