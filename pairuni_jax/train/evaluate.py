@@ -48,7 +48,7 @@ def _real(rows: np.ndarray) -> int:
 class _SplitItems:
     """One split's evaluation items, tokenised and preprocessed once."""
 
-    prefix: str  # metric key suffix of the task: "" (heldout) or "_test"
+    suffix: str  # appended to the task in metric keys: "" (heldout) or "_test"
     answers: list[str]
     tags: list[str]
     und_pixels: np.ndarray  # [Nu, S, S, 3]
@@ -59,7 +59,7 @@ class _SplitItems:
     gen_mask: np.ndarray  # [Ng, Lg]
 
 
-def _metric_prefix(split: str) -> str:
+def _task_suffix(split: str) -> str:
     return "" if split == "heldout" else f"_{split}"
 
 
@@ -93,7 +93,7 @@ class ShapesEvaluator:
         gen_ids, gen_mask = rollout.pad_prompts([p.generation_ids(x) for x in prompts], p.pad_id)
         pixels = np.stack([p.preprocess_image(Image.open(os.path.join(world_dir, r["image_path"])))
                            for r in und])
-        return _SplitItems(_metric_prefix(split), [r["answer"] for r in und],
+        return _SplitItems(_task_suffix(split), [r["answer"] for r in und],
                            [r["tag"] for r in und], pixels, und_ids, und_mask, prompts, gen_ids,
                            gen_mask)
 
@@ -137,8 +137,8 @@ class ShapesEvaluator:
             und["sampled"] = float(np.mean(hits))
         images = self.images_of(params, items)
         gen = geneval_accuracy(images, items.prompts, self.world_config)
-        metrics = {f"und{items.prefix}/acc_{k}": v for k, v in und.items()}
-        metrics.update({f"gen{items.prefix}/acc_{k}": v for k, v in gen.items()})
+        metrics = {f"und{items.suffix}/acc_{k}": v for k, v in und.items()}
+        metrics.update({f"gen{items.suffix}/acc_{k}": v for k, v in gen.items()})
         return metrics, images
 
     def __call__(self, params, step: int = 0):
