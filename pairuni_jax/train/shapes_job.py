@@ -1,8 +1,8 @@
 """The embedded default: the whole PairUni pipeline on the Shapes world, on a laptop CPU.
 
 Stages (each resumable, results under <workdir>/<stage>/):
-  world   render the world: train and held-out understanding/generation sets, aligned pairs,
-          the word-level tokenizer
+  world   render the world: train, held-out (compositional) and test (in-distribution)
+          understanding/generation sets, aligned pairs, the word-level tokenizer
   vq      fit the tiny VQ (Janus's VQ-16 architecture) on the world's images
   sft     a tiny Janus-architecture policy, warm-started on both tasks (sum or Pareto combiner);
           saved in transformers' format with the tokenizer, like a real checkpoint
