@@ -2,8 +2,8 @@
 
     python -m pairuni_jax.main --config=configs/shapes.py --workdir=runs/shapes
 
-Presets: `configs/shapes.py` (default; measured on a 2-core CPU VM: 12 min in all, of which
-VQ fit 4.7, SFT 4.5, Pair-GRPO 2.7), `configs/shapes.py:smoke` (about 5 CPU-minutes, mostly
+Presets: `configs/shapes.py` (default; measured on a 2-core CPU VM: 11.5 min in all, of which
+VQ fit 4.6, SFT 4.1, Pair-GRPO 2.7), `configs/shapes.py:smoke` (about 5 CPU-minutes, mostly
 compilation). Every field can be overridden on the command line, e.g.
 `--config.sft.combiner.mode=pareto --config.seed=1`.
 """
