@@ -271,7 +271,7 @@ class PairGRPO:
 
         key = None
         if self.mesh is None:
-            state = make(params)
+            state = sharding.on_first_device(make(params))
         else:
             params = sharding.shard_params(params, self.rules, self.mesh)
             shardings = sharding.state_shardings(jax.eval_shape(make, params), self.rules,

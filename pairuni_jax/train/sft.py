@@ -27,7 +27,7 @@ from pairuni_jax.models import lora as lora_lib
 from pairuni_jax.models.configs import JanusConfig
 from pairuni_jax.processing import JanusProcessor, pad_left
 from pairuni_jax.rl import pareto
-from pairuni_jax.train import rl_step
+from pairuni_jax.train import rl_step, sharding
 from pairuni_jax.train.checkpoint import Checkpointer
 from pairuni_jax.train.metrics import MetricsWriter, Progress
 
@@ -177,7 +177,7 @@ def train_sft(
     every `eval_every` steps and at the end; metrics are logged with the prefix "eval/".
     """
     tx = make_optimizer(cfg)
-    state = init_sft_state(params, cfg, tx, jax.random.key(cfg.seed))
+    state = sharding.on_first_device(init_sft_state(params, cfg, tx, jax.random.key(cfg.seed)))
     step_fn = jax.jit(functools.partial(sft_step, model_config=model_config, cfg=cfg, tx=tx),
                       donate_argnums=0)
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)

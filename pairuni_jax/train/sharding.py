@@ -146,6 +146,14 @@ def state_shardings(state: Any, rules: Sequence[Rule], mesh: Mesh, roots: Any) -
     return jax.tree_util.tree_map_with_path(one, state)
 
 
+def on_first_device(tree: Any) -> Any:
+    """Every leaf committed to this process's first device: what a jitted step returns without a
+    mesh. A loop whose first state were uncommitted (fresh or loaded host arrays) would compile
+    its step, and every program that reads the params, twice: once for that placement, once for
+    the committed arrays the step returns."""
+    return jax.device_put(tree, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+
+
 def shard_params(params: Any, rules: Sequence[Rule], mesh: Mesh) -> Any:
     """Place a param tree on the mesh under `rules`."""
     return jax.device_put(params, param_shardings(params, rules, mesh))
