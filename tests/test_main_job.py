@@ -91,4 +91,3 @@ def test_sampled_accuracy_at_a_near_zero_temperature_is_the_greedy_accuracy():
     metrics, _, _ = evaluator(params)
     for prefix in ("und", "und_test"):
         assert metrics[f"{prefix}/acc_sampled"] == metrics[f"{prefix}/acc_overall"]
-

@@ -359,7 +359,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     files = write_world(args.out, train_size=args.train_size, train_pairs=args.train_pairs,
                         heldout_size=args.heldout_size, heldout_pairs=args.heldout_pairs,
-                        test_size=args.test_size, cfg=WorldConfig(image_size=args.image_size,
+                        test_size=args.test_size,
+                        cfg=WorldConfig(image_size=args.image_size,
                                         shuffle_options=args.shuffle_options),
                         seed=args.seed)
     for name, path in files.items():

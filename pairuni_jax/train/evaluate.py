@@ -142,11 +142,10 @@ class ShapesEvaluator:
         return metrics, images
 
     def __call__(self, params, step: int = 0):
-        metrics, shown = {}, None
+        metrics, images = {}, []
         for items in self.splits:
-            split_metrics, images = self.split_metrics(params, items)
+            split_metrics, split_images = self.split_metrics(params, items)
             metrics.update(split_metrics)
-            shown = images if shown is None else shown
-        first = self.splits[0]
-        n = min(self.num_images, len(shown))
-        return metrics, shown[:n], first.prompts[:n]
+            images.append(split_images)
+        n = min(self.num_images, len(images[0]))
+        return metrics, images[0][:n], self.splits[0].prompts[:n]
