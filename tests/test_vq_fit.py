@@ -12,7 +12,7 @@ import pytest
 
 from pairuni_jax.data.shapes_render import DEFAULT_WORLD
 from pairuni_jax.models.configs import VQConfig
-from pairuni_jax.models.vq import VQModel, l2_normalize
+from pairuni_jax.models.vq import VQModel, init_params, l2_normalize
 from pairuni_jax.train.ablate import load_config
 from pairuni_jax.train.shapes_job import vq_train_config
 from pairuni_jax.train.vq import (
@@ -45,7 +45,7 @@ def test_default_geometry_is_an_8x8_grid():
 def test_losses_route_gradients_like_a_vq():
     model = VQModel(config=TINY)
     x = to_model_pixels(training_images(2))
-    params = model.init(jax.random.PRNGKey(0), x)
+    params = init_params(TINY)
 
     def parts(p):  # [3]: one jacobian row per loss term, a single compilation
         metrics = vq_losses(model, p, x, 0.25)[1][0]
@@ -64,7 +64,7 @@ def test_losses_route_gradients_like_a_vq():
 def test_autoencoder_phase_bypasses_the_quantizer():
     model = VQModel(config=TINY)
     x = to_model_pixels(training_images(2))
-    params = model.init(jax.random.PRNGKey(0), x)
+    params = init_params(TINY)
     loss_fn = jax.jit(lambda p: vq_losses(model, p, x, 0.25, quantize=0.0))
     grads = jax.jit(jax.grad(lambda p: loss_fn(p)[0]))(params)["params"]
     assert optax.global_norm(grads["quantize"]) == 0  # the codebook waits for its k-means init
@@ -113,13 +113,18 @@ def test_spherical_kmeans_finds_separated_clusters():
 def test_dead_codes_are_reseeded_from_latents():
     model = VQModel(config=TINY)
     x = to_model_pixels(training_images(4))
-    params = model.init(jax.random.PRNGKey(0), x)
+    params = init_params(TINY)
+    # The second half of the table repeats the first: nearest-code ties go to the lower index,
+    # so codes K/2.. can never be picked and must be re-seeded.
+    table = params["params"]["quantize"]["embedding"]  # [K, d]
+    half = TINY.codebook_size // 2
+    params["params"]["quantize"]["embedding"] = jnp.concatenate([table[:half], table[:half]])
     optimizer, step_fn = _cached_step(model, TRAIN)
     last_used = jnp.zeros(TINY.codebook_size, jnp.int32)
     new, _, last_used, metrics = step_fn(params, optimizer.init(params), last_used,
                                          jnp.int32(5), x, jax.random.PRNGKey(1))
     restarted = int(metrics["restarted"])
-    assert 0 < restarted == TINY.codebook_size - int(metrics["codes_used"])
+    assert half <= restarted == TINY.codebook_size - int(metrics["codes_used"])
     assert np.all(np.asarray(last_used) == 5)
     old = np.asarray(params["params"]["quantize"]["embedding"])
     changed = np.any(np.asarray(new["params"]["quantize"]["embedding"]) != old, axis=1)

@@ -58,10 +58,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pairuni_jax.models.configs import JanusConfig
 from pairuni_jax.models.llama import KVCache, LlamaModel
+from pairuni_jax.models.random_init import random_params
 from pairuni_jax.models.siglip import MlpProjector, SigLIPVisionModel, gelu
 from pairuni_jax.models.vq import VQModel
 
@@ -155,32 +155,10 @@ def _dummy_inputs(config: JanusConfig) -> tuple[jax.Array, ...]:
 def init_params(config: JanusConfig, rng: jax.Array | int = 0) -> Params:
     """Randomly initialised params (tests, the tiny worlds); real weights come from checkpoints.
 
-    Drawn leaf by leaf with numpy from the abstract param tree (no model compile): kernels
-    normal(0, 1/fan_in), norm scales 1, biases 0, embeddings normal(0, 1), the VQ codebook
-    uniform(-1/K, 1/K), position embeddings normal(0, 0.02). rng: a jax key or an int seed.
+    Drawn with numpy from the abstract param tree (`random_init.random_params`: no model
+    compile). rng: a jax key or an int seed.
     """
-    if not isinstance(rng, int):
-        rng = int(jax.random.randint(rng, (), 0, 2**31 - 1))
-    gen = np.random.default_rng(rng)
-
-    def draw(path, leaf):
-        name = path[-1].key
-        shape, dtype = leaf.shape, leaf.dtype
-        if name == "scale":
-            x = np.ones(shape)
-        elif name == "bias":
-            x = np.zeros(shape)
-        elif name == "kernel":
-            x = gen.normal(0.0, 1.0 / np.sqrt(np.prod(shape[:-1])), shape)
-        elif name == "position_embedding":
-            x = gen.normal(0.0, 0.02, shape)
-        elif path[-2].key == "quantize":
-            x = gen.uniform(-1.0 / shape[0], 1.0 / shape[0], shape)
-        else:  # token / image-token embedding tables
-            x = gen.normal(0.0, 1.0, shape)
-        return jnp.asarray(x.astype(np.float32), dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, param_shapes(config))
+    return random_params(param_shapes(config), rng)
 
 
 def param_shapes(config: JanusConfig) -> Params:

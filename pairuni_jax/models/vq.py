@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from pairuni_jax.models.configs import VQConfig
+from pairuni_jax.models.random_init import random_params
 
 
 class _Common(nn.Module):
@@ -231,3 +232,11 @@ class Codebook(nn.Module):
     def setup(self):
         self.embedding = self.param("embedding", nn.initializers.normal(1.0 / self.size),
                                     (self.size, self.dim), self.param_dtype)
+
+
+def init_params(config: VQConfig, rng: jax.Array | int = 0) -> dict:
+    """Variables {"params": ...} of `VQModel(config=config)`, drawn with numpy (no compile)."""
+    pixels = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, config.in_channels),
+                                  jnp.float32)
+    shapes = jax.eval_shape(VQModel(config=config).init, jax.random.key(0), pixels)
+    return {"params": random_params(shapes["params"], rng)}

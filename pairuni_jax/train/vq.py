@@ -36,7 +36,7 @@ from pairuni_jax.data.shapes import generation_item, sample_random_scene
 from pairuni_jax.data.shapes_eval import geneval_accuracy
 from pairuni_jax.data.shapes_render import DEFAULT_WORLD, WorldConfig, render
 from pairuni_jax.models.configs import VQConfig
-from pairuni_jax.models.vq import VQModel, l2_normalize, nearest_code
+from pairuni_jax.models.vq import VQModel, init_params, l2_normalize, nearest_code
 from pairuni_jax.train.checkpoint import Checkpointer
 
 
@@ -258,7 +258,7 @@ def fit_vq(workdir: str, *, world: WorldConfig = DEFAULT_WORLD, vq: VQConfig | N
     model = VQModel(config=vq)
     images = training_images(train.num_images, world, train.seed)
     key = jax.random.PRNGKey(train.seed)
-    params = model.init(key, to_model_pixels(images[:1]))
+    params = init_params(vq, train.seed)
     optimizer, step_fn = _cached_step(model, train)
     state = {"params": params, "opt_state": optimizer.init(params),
              "last_used": jnp.zeros(vq.codebook_size, jnp.int32), "step": jnp.int32(0)}
