@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from micro_job import REPO, copy_of_micro_run, micro_config, micro_run
 
@@ -33,6 +34,11 @@ def test_stages_run_in_order_and_a_rerun_resumes():
     assert all(0.0 <= r["train/gen/reward_mean"] <= 1.0 for r in train)
     evals = [r for r in records if "eval/und/acc_overall" in r]
     assert [r["step"] for r in evals] == [0, 2]
+    # The RL start is the SFT end: its evaluation is read back from the cache, identical.
+    sft_end = [r for r in read_jsonl(os.path.join(workdir, "sft", "metrics.jsonl"))
+               if "eval/und/acc_overall" in r][-1]
+    assert {k: v for k, v in evals[0].items() if k != "step"} == {
+        k: v for k, v in sft_end.items() if k.startswith("eval/")}
     assert os.path.exists(os.path.join(workdir, "rl", "images", "eval_samples_000002.png"))
     assert os.path.exists(os.path.join(workdir, "report.md"))
 
@@ -91,3 +97,28 @@ def test_sampled_accuracy_at_a_near_zero_temperature_is_the_greedy_accuracy():
     metrics, _, _ = evaluator(params)
     for prefix in ("und", "und_test"):
         assert metrics[f"{prefix}/acc_sampled"] == metrics[f"{prefix}/acc_overall"]
+
+
+def test_the_evaluator_reads_back_params_it_scored_before(tmp_path, monkeypatch):
+    workdir, _ = micro_run()
+    job = ShapesJob(micro_config(), workdir)
+    model_dir = os.path.join(workdir, "sft", "model")
+    model_config, params = load_janus(model_dir)
+    evaluator = job.evaluator(job.processor(model_dir), model_config)
+    evaluator.cache_dir = str(tmp_path)
+    score = evaluator.split_metrics
+    calls = []
+    monkeypatch.setattr(evaluator, "split_metrics",
+                        lambda p, items: calls.append(items.suffix) or score(p, items))
+    metrics, images, captions = evaluator(params)
+    assert calls == ["", "_test"] and len(os.listdir(tmp_path)) == 1
+    again = evaluator(params, step=7)
+    assert calls == ["", "_test"]  # read back, not scored
+    assert again[0] == metrics and again[2] == captions
+    np.testing.assert_array_equal(again[1], images)
+    # Other params, or another setting, are another entry, scored afresh.
+    kernel = params["lm_head"]["kernel"]
+    evaluator(dict(params, lm_head={"kernel": kernel + 1e-3}))
+    evaluator.temperature = 0.5
+    evaluator(params)
+    assert len(calls) == 6 and len(os.listdir(tmp_path)) == 3

@@ -16,6 +16,8 @@ of constraints.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 from collections.abc import Sequence
 
@@ -65,14 +67,19 @@ def _task_suffix(split: str) -> str:
 
 class ShapesEvaluator:
     """`evaluator(params, step) -> (metrics, sample images uint8 [n, H, W, 3], captions)`; the
-    sample images are the first split's."""
+    sample images are the first split's.
+
+    With `cache_dir`, each result is kept under a digest of the params and of every setting and
+    item: params scored before (the SFT policy that starts every RL and ablation run) are read
+    back, not scored again. The evaluation is a function of exactly these, so nothing changes.
+    """
 
     def __init__(self, world_dir: str, processor: JanusProcessor, model_config: JanusConfig, *,
                  num_understanding: int = 200, num_generation: int = 120, guidance: float = 5.0,
                  temperature: float = 1.0, max_new_tokens: int = 8, und_samples: int = 4,
                  batch_size: int = 64, num_images: int = 16, seed: int = 0,
                  splits: Sequence[str] = ("heldout", "test"),
-                 world_config: WorldConfig = DEFAULT_WORLD):
+                 world_config: WorldConfig = DEFAULT_WORLD, cache_dir: str | None = None):
         self.processor, self.config = processor, model_config
         self.guidance, self.temperature = guidance, temperature
         self.max_new_tokens, self.und_samples = max_new_tokens, und_samples
@@ -80,6 +87,7 @@ class ShapesEvaluator:
         self.world_config = world_config
         self.splits = [self._load(world_dir, split, num_understanding, num_generation)
                        for split in splits]
+        self.cache_dir = cache_dir
 
     def _load(self, world_dir: str, split: str, num_und: int, num_gen: int) -> _SplitItems:
         p = self.processor
@@ -142,10 +150,45 @@ class ShapesEvaluator:
         return metrics, images
 
     def __call__(self, params, step: int = 0):
+        path = self._cache_path(params)
+        if path and os.path.exists(path):  # these params were scored before (e.g. the SFT end)
+            with np.load(path) as f:
+                return (json.loads(str(f["metrics"])), f["images"],
+                        [str(c) for c in f["captions"]])
         metrics, images = {}, []
         for items in self.splits:
             split_metrics, split_images = self.split_metrics(params, items)
             metrics.update(split_metrics)
             images.append(split_images)
         n = min(self.num_images, len(images[0]))
-        return metrics, images[0][:n], self.splits[0].prompts[:n]
+        out = metrics, images[0][:n], self.splits[0].prompts[:n]
+        if path:
+            os.makedirs(self.cache_dir, exist_ok=True)
+            tmp = f"{path}.tmp.npz"
+            np.savez(tmp, metrics=json.dumps(metrics), images=out[1], captions=np.array(out[2]))
+            os.replace(tmp, path)
+        return out
+
+    def _cache_path(self, params) -> str | None:
+        """`cache_dir/<digest of params and of every setting and item>.npz`, or None."""
+        if not self.cache_dir:
+            return None
+        p = self.processor
+        settings = (self.config, self.guidance, self.temperature, self.max_new_tokens,
+                    self.und_samples, self.batch_size, self.num_images, self.world_config,
+                    p.eos_id, p.pad_id, p.bos_id, p.image_start_id, p.image_placeholder_id)
+        chunks = [repr(settings).encode(), np.asarray(jax.random.key_data(self.key)).tobytes()]
+        for it in self.splits:
+            chunks += [repr((it.suffix, it.answers, it.tags, it.prompts)).encode(),
+                       it.und_pixels.tobytes(), it.und_ids.tobytes(), it.gen_ids.tobytes()]
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+            chunks += [jax.tree_util.keystr(path).encode(), np.asarray(leaf).tobytes()]
+        return os.path.join(self.cache_dir, f"{_digest(chunks)}.npz")
+
+
+def _digest(chunks: Sequence[bytes]) -> str:
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(len(c).to_bytes(8, "little"))
+        h.update(c)
+    return h.hexdigest()[:32]

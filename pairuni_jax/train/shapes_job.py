@@ -221,7 +221,8 @@ class ShapesJob:
                                num_generation=e.num_generation, und_samples=e.und_samples,
                                guidance=r.guidance, temperature=r.temperature,
                                seed=self.config.seed,
-                               world_config=world_config(self.config))
+                               world_config=world_config(self.config),
+                               cache_dir=os.path.join(self.workdir, "eval_cache"))
 
     def rl(self, stage_dir: str) -> dict[str, Any]:
         pairs = os.path.join(self.world_dir, "train_pairs.jsonl")
