@@ -8,8 +8,11 @@ import importlib
 import os
 
 # Must happen before jax creates its CPU backend; single-device code still runs on device 0.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# The tests compile hundreds of small programs and run each for milliseconds, so LLVM's backend
+# runs without its expensive optimisations (a third less compile time; same semantics).
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), TEST_XLA_FLAGS, "--xla_force_host_platform_device_count=8"]
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -44,6 +47,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 _MICRO = {"test_main_job.py", "test_report.py", "test_ablate.py", "test_notebook.py"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into node ids
 def pytest_collection_modifyitems(config, items):
     for item in items:
         name = os.path.basename(str(item.fspath))

@@ -2,6 +2,7 @@
 on 127.0.0.1, gloo collectives) take the same steps as 1 process x 8 devices."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -40,7 +41,9 @@ def free_port() -> int:
 def run_processes(world: str, workdir: str, n: int = 2, timeout: float = 1500) -> None:
     port = free_port()
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("XLA_FLAGS", None)  # the worker forces its own 4 devices
+    # the worker forces its own 4 devices; the other flags (conftest's) stay
+    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                              os.environ.get("XLA_FLAGS", ""))
     procs = [
         subprocess.Popen(
             [
