@@ -70,7 +70,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # Pair-GRPO (pairuni_jax/train/rl.py, rl_step.py): the paper's recipe at the world's scale.
     c.rl = dict(
         steps=6 if smoke else 100,
-        pairs_per_batch=4,  # P
+        pairs_per_batch=8,  # P
         group_size=4 if smoke else 8,  # G: answers per question and images per prompt
         temperature=1.0,
         guidance=5.0,
@@ -93,7 +93,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.reward = dict(generation="shapes")  # hpsv2 | clip | shapes, or weighted: "shapes=1,clip=0.5"
     # Evaluation on the held-out (compositional) and test (in-distribution) splits, each.
     c.eval = dict(
-        num_understanding=40 if smoke else 200,
+        num_understanding=40 if smoke else 300,
         num_generation=24 if smoke else 96,
         und_samples=4,  # answers sampled per question at rl.temperature for und/acc_sampled
     )
