@@ -25,13 +25,18 @@ MICRO_OVERRIDES = {
 }
 
 
-def micro_config():
+def smoke_config():
+    """configs/shapes.py:smoke as it is."""
     sys.path.insert(0, os.path.join(REPO, "configs"))
     try:
         import shapes
     finally:
         sys.path.pop(0)
-    c = shapes.get_config("smoke")
+    return shapes.get_config("smoke")
+
+
+def micro_config():
+    c = smoke_config()
     c.update_from_flattened_dict(MICRO_OVERRIDES)
     return c
 

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from micro_job import REPO, copy_of_micro_run, micro_config, micro_run
+from micro_job import REPO, copy_of_micro_run, micro_config, micro_run, smoke_config
 
 from pairuni_jax.checkpoints import load_janus
 from pairuni_jax.sampling import Sampling
@@ -122,3 +122,20 @@ def test_the_evaluator_reads_back_params_it_scored_before(tmp_path, monkeypatch)
     evaluator.temperature = 0.5
     evaluator(params)
     assert len(calls) == 6 and len(os.listdir(tmp_path)) == 3
+
+
+@pytest.mark.long
+def test_smoke_raises_the_generation_reward_once_its_vq_can_draw(tmp_path):
+    """`:smoke` end to end with the VQ fitted long enough to draw the world's scenes (600 steps)
+    and 40 RL steps: the training generation reward of the last third of the steps is above the
+    first third's. (The preset's 120-step VQ reconstructs nothing the checker can read, so its
+    6 RL steps have no generation reward to raise.)"""
+    config = smoke_config()
+    config.update_from_flattened_dict({"vq.steps": 600, "rl.steps": 40})
+    run_lib.run(config, str(tmp_path))
+    records = read_jsonl(os.path.join(tmp_path, "rl", "metrics.jsonl"))
+    rewards = [r["train/gen/reward_mean"] for r in sorted(records, key=lambda r: r["step"])
+               if "train/gen/reward_mean" in r]
+    assert len(rewards) == 40
+    first, last = np.mean(rewards[:13]), np.mean(rewards[-13:])
+    assert last > first + 0.03, (first, last)
