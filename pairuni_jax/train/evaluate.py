@@ -179,8 +179,9 @@ class ShapesEvaluator:
                     p.eos_id, p.pad_id, p.bos_id, p.image_start_id, p.image_placeholder_id)
         chunks = [repr(settings).encode(), np.asarray(jax.random.key_data(self.key)).tobytes()]
         for it in self.splits:
-            chunks += [repr((it.suffix, it.answers, it.tags, it.prompts)).encode(),
-                       it.und_pixels.tobytes(), it.und_ids.tobytes(), it.gen_ids.tobytes()]
+            chunks.append(repr((it.suffix, it.answers, it.tags, it.prompts)).encode())
+            chunks += [a.tobytes() for a in (it.und_pixels, it.und_ids, it.und_mask, it.gen_ids,
+                                             it.gen_mask)]
         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
             chunks += [jax.tree_util.keystr(path).encode(), np.asarray(leaf).tobytes()]
         return os.path.join(self.cache_dir, f"{_digest(chunks)}.npz")
