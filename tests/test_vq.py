@@ -11,6 +11,7 @@ import pytest
 
 from pairuni_jax.models import configs, janus
 from pairuni_jax.models.vq import VQModel, l2_normalize, nearest_code
+from pairuni_jax.models.vq import init_params as vq_init_params
 
 SMALL = configs.VQConfig(image_size=32, codebook_size=64, codebook_dim=8, ch=32, ch_mult=(1, 1, 2),
                          num_res_blocks=1, z_channels=32)
@@ -92,3 +93,22 @@ def test_pieces_compose_like_decode_of_encode(vq, latents):
     decode = _jit(VQModel.decode_latents)
     np.testing.assert_allclose(np.asarray(decode(params, zq)),
                                np.asarray(_jit(VQModel.decode)(params, codes)), atol=1e-5)
+
+
+def test_numpy_init_fills_the_models_own_param_tree():
+    want = jax.eval_shape(VQModel(config=SMALL).init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+    got = vq_init_params(SMALL, 3)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype
+    p = got["params"]
+    assert float(jnp.abs(p["quantize"]["embedding"]).max()) <= 1.0 / SMALL.codebook_size
+    kernel = np.asarray(p["encoder"]["conv_in"]["kernel"])  # [3, 3, 3, ch]: fan_in 27
+    assert abs(kernel.std() * np.sqrt(27) - 1.0) < 0.15
+    assert not np.any(np.asarray(p["encoder"]["conv_in"]["bias"]))
+    again, other = vq_init_params(SMALL, 3), vq_init_params(SMALL, 4)
+    np.testing.assert_array_equal(again["params"]["decoder"]["conv_out"]["kernel"],
+                                  p["decoder"]["conv_out"]["kernel"])
+    assert np.any(other["params"]["decoder"]["conv_out"]["kernel"]
+                  != p["decoder"]["conv_out"]["kernel"])
