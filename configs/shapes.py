@@ -2,10 +2,10 @@
 
     python -m pairuni_jax.main --config=configs/shapes.py --workdir=runs/shapes
 
-Presets: `configs/shapes.py` (default; measured on a 2-core CPU VM: 11.5 min in all, of which
-VQ fit 4.6, SFT 4.1, Pair-GRPO 2.7), `configs/shapes.py:smoke` (about 5 CPU-minutes, mostly
-compilation). Every field can be overridden on the command line, e.g.
-`--config.sft.combiner.mode=pareto --config.seed=1`.
+Presets: `configs/shapes.py` (default; measured on an idle 2-core CPU VM: 12.5-14 min in all, of
+which VQ fit 3.2-4.3, SFT 4.4-5.2, Pair-GRPO 4.1-4.6; the VM's speed varies by a quarter from hour
+to hour), `configs/shapes.py:smoke` (2.2-2.5 min, mostly compilation). Every field can be
+overridden on the command line, e.g. `--config.sft.combiner.mode=pareto --config.seed=1`.
 """
 
 import ml_collections
@@ -70,7 +70,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # Pair-GRPO (pairuni_jax/train/rl.py, rl_step.py): the paper's recipe at the world's scale.
     c.rl = dict(
         steps=6 if smoke else 100,
-        pairs_per_batch=8,  # P
+        pairs_per_batch=4 if smoke else 8,  # P
         group_size=4 if smoke else 8,  # G: answers per question and images per prompt
         temperature=1.0,
         guidance=5.0,
