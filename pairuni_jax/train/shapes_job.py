@@ -8,6 +8,8 @@ Stages (each resumable, results under <workdir>/<stage>/):
           saved in transformers' format with the tokenizer, like a real checkpoint
   pairs   retrieved pairs by the pairing command's code over image features, plus aligned pairs
   rl      Pair-GRPO from the SFT policy on the pairs, with the Shapes checker as image reward
+Evaluations of the SFT and RL stages (and ablation runs) are kept in <workdir>/eval_cache/, by a
+digest of the params and the evaluator's settings.
 """
 
 from __future__ import annotations
