@@ -85,6 +85,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         pair_weighting="sqrt",  # retrieved pairs: sqrt(s_p) | linear | none; aligned: 1
         aggregation="task_sum",  # token_mean | seq_mean | task_sum
         combiner=dict(mode="sum", normalization="none", groups=()),
+        frozen=(),  # param path regexes RL keeps fixed (the VQ always), e.g. ("^vision_model/",)
         num_micro_batches=1,
         log_every=1,
         checkpoint_every=25,

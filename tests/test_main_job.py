@@ -5,15 +5,19 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
+from absl import flags
 from micro_job import REPO, copy_of_micro_run, micro_config, micro_run, smoke_config
+from ml_collections import config_flags
 
 from pairuni_jax.checkpoints import load_janus
+from pairuni_jax.models import lora as lora_lib
 from pairuni_jax.sampling import Sampling
 from pairuni_jax.train import run as run_lib
 from pairuni_jax.train.metrics import read_jsonl
-from pairuni_jax.train.shapes_job import ShapesJob
+from pairuni_jax.train.shapes_job import ShapesJob, rl_config
 from pairuni_jax.train.stages import StageInputsChanged
 
 pytestmark = pytest.mark.slow
@@ -80,6 +84,21 @@ def test_main_rejects_a_bad_preset(tmp_path):
          f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert "unknown preset 'nope'" in out.stderr
+
+
+def test_rl_frozen_from_the_command_line_keeps_those_leaves_out_of_training():
+    argv = [__file__, f"--config={os.path.join(REPO, 'configs', 'shapes.py')}:smoke",
+            "--config.rl.frozen=('^vision_model/',)"]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)
+    values(argv)
+    assert rl_config(smoke_config()).frozen == (r"^vqmodel/",)  # the default: the VQ only
+    cfg = rl_config(values.config)
+    assert cfg.frozen == (r"^vqmodel/", r"^vision_model/")
+    _, params = load_janus(os.path.join(micro_run()[0], "sft", "model"))
+    mask = lora_lib.trainable_mask(params, cfg.trainable, cfg.frozen)
+    assert not any(jax.tree.leaves(mask["vision_model"]) + jax.tree.leaves(mask["vqmodel"]))
+    assert all(jax.tree.leaves(mask["aligner"]) + jax.tree.leaves(mask["language_model"]))
 
 
 def test_sampled_accuracy_at_a_near_zero_temperature_is_the_greedy_accuracy():

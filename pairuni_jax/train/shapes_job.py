@@ -259,6 +259,6 @@ def param_count(params) -> int:
 
 
 def rl_config(config: ml_collections.ConfigDict, seed: int | None = None) -> rl_lib.RLConfig:
-    """The Shapes job's RLConfig: everything but the VQ trains (the vision encoder too)."""
-    return rl_lib.rl_config_from(config.rl, config.seed if seed is None else seed,
-                                 frozen=(r"^vqmodel/",))
+    """The Shapes job's RLConfig: leaves matching a `rl.frozen` regex stay fixed (the VQ always)."""
+    frozen = tuple(dict.fromkeys((r"^vqmodel/", *config.rl.get("frozen", ()))))
+    return rl_lib.rl_config_from(config.rl, config.seed if seed is None else seed, frozen=frozen)
