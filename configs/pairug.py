@@ -34,6 +34,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.job = "pairug"
     c.preset = preset
     c.seed = 0
+    # Compiled programs are kept here and reused by later runs ("" for none).
+    c.compile_cache = "~/.cache/pairuni_jax/xla"
 
     # Weights: a local checkpoint directory (either format) or a Hugging Face Hub id.
     # Full fine-tuning keeps float32 master weights (an lr 1e-6 step is below bfloat16's

@@ -31,6 +31,7 @@ from pairuni_jax.data import features as features_lib
 from pairuni_jax.data import pairug
 from pairuni_jax.train import report as report_lib
 from pairuni_jax.train.rl import RLConfig
+from pairuni_jax.train.run import use_compilation_cache
 from pairuni_jax.train.shapes_job import ShapesJob, rl_config
 from pairuni_jax.train.stages import Stage, load_result, run_stages
 
@@ -198,6 +199,7 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str,
                  variants: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
                  log: Callable[[str], None] = print) -> dict[str, str]:
     """Run (or resume) the ablation; returns {"markdown", "csv", "plot"} paths."""
+    use_compilation_cache(config.get("compile_cache", ""))  # every variant runs the same programs
     return Ablation(config, workdir, variants, seeds, log).run()
 
 
