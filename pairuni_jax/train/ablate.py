@@ -199,7 +199,7 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str,
                  variants: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
                  log: Callable[[str], None] = print) -> dict[str, str]:
     """Run (or resume) the ablation; returns {"markdown", "csv", "plot"} paths."""
-    use_compilation_cache(config.get("compile_cache", ""))  # every variant runs the same programs
+    use_compilation_cache(config.get("compile_cache", ""))  # the job's RL programs, compiled
     return Ablation(config, workdir, variants, seeds, log).run()
 
 
