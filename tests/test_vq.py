@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pairuni_jax.models import configs, janus
+from pairuni_jax.models import configs
 from pairuni_jax.models.vq import VQModel, l2_normalize, nearest_code
 from pairuni_jax.models.vq import init_params as vq_init_params
 
@@ -32,7 +32,7 @@ def latents(vq):
 def vq():
     model = VQModel(config=SMALL)
     pixels = jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
-    params = {"params": janus.init_params(configs.tiny(vq=SMALL), 0)["vqmodel"]}
+    params = vq_init_params(SMALL, 0)
     return model, params, pixels
 
 
