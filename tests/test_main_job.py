@@ -8,9 +8,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-from absl import flags
+from command_line import load_config
 from micro_job import REPO, copy_of_micro_run, micro_config, micro_run, smoke_config
-from ml_collections import config_flags
 
 from pairuni_jax.checkpoints import load_janus
 from pairuni_jax.models import lora as lora_lib
@@ -87,13 +86,8 @@ def test_main_rejects_a_bad_preset(tmp_path):
 
 
 def test_rl_frozen_from_the_command_line_keeps_those_leaves_out_of_training():
-    argv = [__file__, f"--config={os.path.join(REPO, 'configs', 'shapes.py')}:smoke",
-            "--config.rl.frozen=('^vision_model/',)"]
-    values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)
-    values(argv)
     assert rl_config(smoke_config()).frozen == (r"^vqmodel/",)  # the default: the VQ only
-    cfg = rl_config(values.config)
+    cfg = rl_config(load_config("shapes.py", "smoke", "--config.rl.frozen=('^vision_model/',)"))
     assert cfg.frozen == (r"^vqmodel/", r"^vision_model/")
     _, params = load_janus(os.path.join(micro_run()[0], "sft", "model"))
     mask = lora_lib.trainable_mask(params, cfg.trainable, cfg.frozen)

@@ -11,8 +11,8 @@ import os
 import numpy as np
 import pytest
 from absl import flags
+from command_line import load_config
 from janus_tiny import hf_config
-from ml_collections import config_flags
 from PIL import Image
 from tiny_tokenizer import save_tiny_tokenizer
 
@@ -20,16 +20,10 @@ from pairuni_jax.data import pairug
 from pairuni_jax.processing import SPECIAL_TOKENS
 from pairuni_jax.train import pairug_job, run
 
-CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "pairug.py")
-
 
 def load(arg: str = "", *overrides: str):
     """The config as `python -m pairuni_jax.main --config=configs/pairug.py:arg ...` builds it."""
-    argv = [__file__, f"--config={CONFIG}" + (f":{arg}" if arg else ""), *overrides]
-    values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)
-    values(argv)
-    return values.config
+    return load_config("pairug.py", arg, *overrides)
 
 
 def test_presets_carry_the_papers_settings():
