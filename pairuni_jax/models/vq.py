@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from pairuni_jax.models.configs import VQConfig
+from pairuni_jax.models.partitioning import shard_rows
 from pairuni_jax.models.random_init import random_params
 
 
@@ -133,14 +134,15 @@ class Encoder(_Common):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         n = len(c.ch_mult)
-        x = self.conv(c.ch, 3, "conv_in")(x)
+        x = shard_rows(self.conv(c.ch, 3, "conv_in")(shard_rows(x)))
         for i, mult in enumerate(c.ch_mult):
-            x = Level(out_channels=c.ch * mult, num_blocks=c.num_res_blocks, with_attn=i == n - 1,
-                      resample="downsample" if i < n - 1 else "", groups=c.num_groups,
-                      name=f"down_{i}", **kw)(x)
-        x = MidBlock(groups=c.num_groups, name="mid", **kw)(x)
+            x = shard_rows(Level(
+                out_channels=c.ch * mult, num_blocks=c.num_res_blocks, with_attn=i == n - 1,
+                resample="downsample" if i < n - 1 else "", groups=c.num_groups,
+                name=f"down_{i}", **kw)(x))
+        x = shard_rows(MidBlock(groups=c.num_groups, name="mid", **kw)(x))
         x = nn.swish(self.norm("norm_out", c.num_groups)(x))
-        return self.conv(c.z_channels, 3, "conv_out")(x)
+        return shard_rows(self.conv(c.z_channels, 3, "conv_out")(x))
 
 
 class Decoder(_Common):
@@ -151,14 +153,15 @@ class Decoder(_Common):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         n = len(c.ch_mult)
-        x = self.conv(c.ch * c.ch_mult[-1], 3, "conv_in")(z)
-        x = MidBlock(groups=c.num_groups, name="mid", **kw)(x)
+        x = shard_rows(self.conv(c.ch * c.ch_mult[-1], 3, "conv_in")(shard_rows(z)))
+        x = shard_rows(MidBlock(groups=c.num_groups, name="mid", **kw)(x))
         for i, mult in enumerate(reversed(c.ch_mult)):
-            x = Level(out_channels=c.ch * mult, num_blocks=c.num_res_blocks + 1, with_attn=i == 0,
-                      resample="upsample" if i < n - 1 else "", groups=c.num_groups,
-                      name=f"up_{i}", **kw)(x)
+            x = shard_rows(Level(
+                out_channels=c.ch * mult, num_blocks=c.num_res_blocks + 1, with_attn=i == 0,
+                resample="upsample" if i < n - 1 else "", groups=c.num_groups,
+                name=f"up_{i}", **kw)(x))
         x = nn.swish(self.norm("norm_out", c.num_groups)(x))
-        return self.conv(c.out_channels, 3, "conv_out")(x)
+        return shard_rows(self.conv(c.out_channels, 3, "conv_out")(x))
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:

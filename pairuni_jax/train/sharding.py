@@ -13,6 +13,7 @@ error naming the parameter, never a silent replication.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Sequence
@@ -22,10 +23,10 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from pairuni_jax.models.partitioning import BATCH_AXES
 from pairuni_jax.rl.pareto import path_str
 
 AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
 Rule = tuple[str, Any]
 
 # Janus-Pro: Megatron-style tensor parallelism inside LLM layers (column-parallel q/k/v/gate/up,
@@ -157,6 +158,12 @@ def on_first_device(tree: Any) -> Any:
 def shard_params(params: Any, rules: Sequence[Rule], mesh: Mesh) -> Any:
     """Place a param tree on the mesh under `rules`."""
     return jax.device_put(params, param_shardings(params, rules, mesh))
+
+
+def mesh_context(mesh: Mesh | None) -> contextlib.AbstractContextManager:
+    """`jax.set_mesh(mesh)` (nothing without a mesh) for the calls of the policy's programs: traced
+    inside it, the model pins its activations' rows to the batch axes (models/partitioning.py)."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
