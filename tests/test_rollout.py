@@ -253,27 +253,29 @@ def test_bucketed_prompt_lengths_reuse_one_compiled_program():
 
 
 def test_sharded_mesh_gives_the_same_greedy_tokens_as_one_device():
-    from pairuni_jax.train.sharding import JANUS_RULES, make_mesh, shard_batch, shard_params
+    from pairuni_jax.train import sharding
 
     assert len(jax.devices()) == 8
     ck = tiny_checkpoint("gqa")
-    mesh = make_mesh(data=2, fsdp=2, tensor=2)
-    params = shard_params(ck.params, JANUS_RULES, mesh)
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    params = sharding.shard_params(ck.params, sharding.JANUS_RULES, mesh)
     ids, mask, pixels = _text_prompts(ck.config, 4, seed=2)
     text_one = _text(ck, ids, mask, pixels)
-    sharded = shard_batch((ids, mask, pixels), mesh)
-    text_mesh = generate_text(params, ck.config, *sharded[:2], jax.random.key(0), sharded[2],
-                              num_samples=2, max_new_tokens=10, sampling=GREEDY, eos_id=EOS,
-                              pad_id=PAD, image_token_id=IMAGE_TOKEN_ID)
+    sharded = sharding.shard_batch((ids, mask, pixels), mesh)
+    with sharding.mesh_context(mesh):  # as the loops call it
+        text_mesh = generate_text(params, ck.config, *sharded[:2], jax.random.key(0), sharded[2],
+                                  num_samples=2, max_new_tokens=10, sampling=GREEDY, eos_id=EOS,
+                                  pad_id=PAD, image_token_id=IMAGE_TOKEN_ID)
     assert len(text_mesh.tokens.sharding.device_set) == 8
     np.testing.assert_array_equal(text_one.tokens, text_mesh.tokens)
 
     ids, mask = _image_prompts(4, seed=2)
     img_one = _images(ck, ids, mask)
-    ids_s, mask_s = shard_batch((ids, mask), mesh)
-    img_mesh = generate_image_tokens(params, ck.config, ids_s, mask_s, jax.random.key(0), 3.0,
-                                     num_samples=2, sampling=GREEDY, bos_id=BOS, boi_id=BOI,
-                                     pad_id=PAD)
+    ids_s, mask_s = sharding.shard_batch((ids, mask), mesh)
+    with sharding.mesh_context(mesh):
+        img_mesh = generate_image_tokens(params, ck.config, ids_s, mask_s, jax.random.key(0),
+                                         3.0, num_samples=2, sampling=GREEDY, bos_id=BOS,
+                                         boi_id=BOI, pad_id=PAD)
     np.testing.assert_array_equal(img_one.tokens, img_mesh.tokens)
 
 

@@ -300,24 +300,27 @@ class PairGRPO:
         k_text, k_image = jax.random.split(key)
         x = self.to_devices({k: batch[k] for k in ROLLOUT_KEYS})
         text = images = None
-        if "und" in c.tasks:
-            out = rollout.generate_text(
-                params, self.model_config, x["und_ids"], x["und_mask"], k_text,
-                x["pixel_values"], num_samples=c.update.group_size,
-                max_new_tokens=c.max_new_tokens,
-                sampling=self.sampling, eos_id=p.eos_id, pad_id=p.pad_id,
-                image_token_id=p.image_placeholder_id)
-            tokens, mask = self.to_host((out.tokens, out.mask))
-            text = out.replace(tokens=tokens, mask=mask, sample_logprobs=None,
-                               model_logprobs=None)
-        if "gen" in c.tasks:
-            out = rollout.generate_images(
-                params, self.model_config, x["gen_ids"], x["gen_mask"], k_image,
-                c.guidance, num_samples=c.update.group_size, sampling=self.sampling,
-                bos_id=p.bos_id, boi_id=p.image_start_id, pad_id=p.pad_id)
-            tokens, pixels = self.to_host((out.tokens, out.pixels))
-            images = out.replace(tokens=tokens, pixels=pixels, sample_logprobs=None,
-                                 model_logprobs=None)
+        with sharding.mesh_context(self.mesh):
+            if "und" in c.tasks:
+                text = rollout.generate_text(
+                    params, self.model_config, x["und_ids"], x["und_mask"], k_text,
+                    x["pixel_values"], num_samples=c.update.group_size,
+                    max_new_tokens=c.max_new_tokens,
+                    sampling=self.sampling, eos_id=p.eos_id, pad_id=p.pad_id,
+                    image_token_id=p.image_placeholder_id)
+            if "gen" in c.tasks:
+                images = rollout.generate_images(
+                    params, self.model_config, x["gen_ids"], x["gen_mask"], k_image,
+                    c.guidance, num_samples=c.update.group_size, sampling=self.sampling,
+                    bos_id=p.bos_id, boi_id=p.image_start_id, pad_id=p.pad_id)
+        if text is not None:
+            tokens, mask = self.to_host((text.tokens, text.mask))
+            text = text.replace(tokens=tokens, mask=mask, sample_logprobs=None,
+                                model_logprobs=None)
+        if images is not None:
+            tokens, pixels = self.to_host((images.tokens, images.pixels))
+            images = images.replace(tokens=tokens, pixels=pixels, sample_logprobs=None,
+                                    model_logprobs=None)
         return text, images
 
     def understanding_rewards(self, batch: dict, text) -> tuple[np.ndarray, np.ndarray]:
@@ -359,13 +362,14 @@ class PairGRPO:
                 rb["gen"]["prompt_ids"], p.bos_id, p.image_start_id, p.pad_id))
             rb["gen"]["uncond_prompt_mask"] = rb["gen"]["prompt_mask"]
         rb = self.to_devices(rb)
-        if self.cfg.mu > 1:
-            old = self.old_log_probs(params, batch=rb)
-            for task in rb:
-                rb[task]["old_logp"] = old[task]
-        del params
-        for _ in range(self.cfg.mu):
-            state, metrics = self.update(state, rb)
+        with sharding.mesh_context(self.mesh):
+            if self.cfg.mu > 1:
+                old = self.old_log_probs(params, batch=rb)
+                for task in rb:
+                    rb[task]["old_logp"] = old[task]
+            del params
+            for _ in range(self.cfg.mu):
+                state, metrics = self.update(state, rb)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         t3 = time.perf_counter()
         tokens = 0
@@ -445,7 +449,8 @@ def train_rl(params, model_config: JanusConfig, processor: JanusProcessor, pipel
         def run_eval(step):
             if evaluate is None:
                 return
-            metrics, images, captions = evaluate(policy_params(state, cfg.update), step)
+            with sharding.mesh_context(mesh):
+                metrics, images, captions = evaluate(policy_params(state, cfg.update), step)
             writer.scalars(step, metrics, prefix="eval/")
             writer.images(step, "eval_samples", images, captions)
             summary.update({f"eval/{k}": v for k, v in metrics.items()})
