@@ -49,9 +49,9 @@ settings (environment; current values):
   REMOTE_DIR=$REMOTE_DIR MODEL_ID=$MODEL_ID WEIGHTS_DIR=$WEIGHTS_DIR
   CONFIG=$CONFIG WORKDIR=$WORKDIR LOG=$LOG WORKER=$WORKER
 
-example (Janus-Pro-7B, LoRA, a v4-32 slice, checkpoints on GCS):
+example (Janus-Pro-7B, full fine-tuning over fsdp 4 x tensor 4, a v4-32 slice, checkpoints on GCS):
   ACCELERATOR=v4-32 WORKDIR=gs://my-bucket/pairuni-7b $(basename "$0") up -- \\
-      --config.model.path=weights/Janus-Pro-7B
+      --config.model.path=weights/Janus-Pro-7B --config.mesh.tensor=4
 EOF
 }
 

@@ -36,7 +36,6 @@ bound of the TPU program's, not as an exact TPU number.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -79,7 +78,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="LLM depths to compile, then extrapolate linearly to the full depth ('' = compile "
              "the full depth: exact, but a 30-layer 7B compile takes long on CPU)")
     parser.add_argument("--no-constrain", action="store_true",
-                        help="measure without the batch constraint on activations")
+                        help="lower outside the mesh context, without the VQ's row constraints "
+                             "on activations (what they save)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per setting")
     parser.add_argument("--child", help=argparse.SUPPRESS)
 
@@ -313,38 +313,6 @@ def _lower_rollout(config, mesh, s: dict[str, Any], step: str):
     return rollout.decode_pixels.lower(params, config, tokens), {"images": p * g}
 
 
-@contextlib.contextmanager
-def batch_sharded_activations(mesh):
-    """Constrain every Flax module output [rows, ...] to rows over the batch axes.
-
-    Without it the SPMD partitioner may follow the parameters' FSDP sharding instead: the rows
-    of a token-embedding lookup from a table sharded over its hidden dimension come out split
-    over hidden and replicated over rows, and every later layer then computes the whole batch on
-    every device (measured: the 2-layer 1B update's temporaries are 10.1 GB per device as the
-    model is, 5.6 GB with the batch constraint). This is the annotation the model and the steps
-    should carry themselves; the bench applies it from outside, for the plan of the fixed code.
-    """
-    import flax.linen as nn
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from pairuni_jax.train import sharding
-
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    rows = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES))
-
-    def constrain(x):
-        if isinstance(x, jax.Array) and x.ndim >= 2 and x.shape[0] % shards == 0:
-            return jax.lax.with_sharding_constraint(x, rows)
-        return x
-
-    def interceptor(next_fun, args, kwargs, context):
-        return jax.tree.map(constrain, next_fun(*args, **kwargs))
-
-    with nn.intercept_methods(interceptor):
-        yield
-
-
 def measure(s: dict[str, Any]) -> dict[str, Any]:
     """Lower and compile one setting on the forced CPU mesh; its per-device memory in bytes."""
     import jax
@@ -362,9 +330,10 @@ def measure(s: dict[str, Any]) -> dict[str, Any]:
     sizes = [int(x) for x in s["mesh"].split(",")]
     mesh = sharding.make_mesh(*sizes, devices=jax.devices()[: s["devices"]])
     t0 = time.perf_counter()
-    constrain = batch_sharded_activations(mesh) if s.get("constrain", True) \
-        else contextlib.nullcontext()
-    with jax.set_mesh(mesh), constrain:
+    # Lowered under the mesh, as the loops call the steps: the VQ pins its activations' rows to
+    # the batch axes (models/partitioning.py); --no-constrain shows what that saves.
+    on_mesh = s.get("constrain", True)
+    with sharding.mesh_context(mesh if on_mesh else None):
         if s["step"].startswith("update"):
             lowered, info = _lower_update(config, mesh, s, lora=s["step"] == "update_lora")
         else:
