@@ -93,6 +93,9 @@ def test_missing_data_and_reward_weights_say_how_to_build_them(tmp_path):
     c.reward.hpsv2_checkpoint = str(tmp_path / "HPS_v2.1_compressed.pt")
     with pytest.raises(pairug_job.DataNotFound, match=r"config\.reward\.hpsv2_checkpoint.*xswu"):
         pairug_job.validate(c)
+    c.data.path = "gs://bucket/pairug/pairs.jsonl"  # inputs in a bucket: say how to bring them
+    with pytest.raises(pairug_job.DataNotFound, match=r"config\.data\.path=.*local disk.*tpu_vm"):
+        pairug_job.open_pairs(c.data)
 
 
 # -- end to end ----------------------------------------------------------------------------------

@@ -16,12 +16,14 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from pairuni_jax.train import files
+
 
 class Checkpointer:
     """Keeps the last `keep` checkpoints of one training stage under `directory`."""
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, asynchronous: bool = True):
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = files.absolute(directory)  # a local path, or a bucket URL
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous
         )

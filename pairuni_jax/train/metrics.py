@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pairuni_jax.train import files
+
 
 def image_grid(
     images: np.ndarray, captions: Sequence[str] = (), ncols: int = 8, scale: int = 1
@@ -47,9 +49,10 @@ class MetricsWriter:
         self.logdir = os.fspath(logdir)
         self.enabled = enabled
         self._tb = None
+        self._jsonl = None
         if enabled:
-            os.makedirs(self.logdir, exist_ok=True)
-            self._jsonl = open(os.path.join(self.logdir, "metrics.jsonl"), "a")
+            files.makedirs(self.logdir)
+            self._jsonl = files.open_file(os.path.join(self.logdir, "metrics.jsonl"), "a")
 
     def _writer(self):
         if self._tb is None:
@@ -86,22 +89,24 @@ class MetricsWriter:
 
         grid = image_grid(images, captions, ncols=ncols, scale=max(1, 64 // images.shape[1]))
         path = os.path.join(self.logdir, "images", f"{name}_{step:06d}.png")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        grid.save(path)
+        files.makedirs(os.path.dirname(path))
+        with files.open_file(path, "wb") as f:
+            grid.save(f, format="PNG")
         with self._writer().as_default(step=int(step)):
             tf.summary.image(name, np.asarray(grid)[None], max_outputs=1)
         return path
 
     def flush(self) -> None:
-        if self.enabled:
+        if self._jsonl is not None:
             self._jsonl.flush()
             if self._tb is not None:
                 self._tb.flush()
 
     def close(self) -> None:
-        if self.enabled and not self._jsonl.closed:
+        if self._jsonl is not None:
             self.flush()
             self._jsonl.close()
+            self._jsonl = None
 
     def __enter__(self) -> MetricsWriter:
         return self
@@ -112,7 +117,7 @@ class MetricsWriter:
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The records of a metrics.jsonl, in order."""
-    with open(path) as f:
+    with files.open_file(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 

@@ -36,8 +36,8 @@ from pairuni_jax.models import lora as lora_lib
 from pairuni_jax.models.configs import JanusConfig, from_hf_config
 from pairuni_jax.processing import JanusProcessor, letterbox
 from pairuni_jax.rl.rewards import build_generation_reward, extract_choice, parse_generation_spec
+from pairuni_jax.train import files, sharding
 from pairuni_jax.train import rl as rl_lib
-from pairuni_jax.train import sharding
 
 EMBEDDED_DEFAULT = (
     "To try the whole pipeline without downloads, run the embedded default instead: "
@@ -115,8 +115,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def _require_file(path: str, field: str, how: str) -> None:
+    _require_local(path, field)
     if not path or not os.path.exists(path):
         raise DataNotFound(f"config.{field}: {path!r} does not exist; {how}")
+
+
+def _require_local(path: str, field: str) -> None:
+    """Inputs are read from local disk (only the workdir may be a bucket)."""
+    if path and files.is_url(path):
+        raise DataNotFound(
+            f"config.{field}={path!r}: inputs are read from local disk; copy them to every "
+            "host first (launch/tpu_vm.sh data copies DATA_URL to DATA_DIR on each worker) and "
+            "pass the local path. The workdir may be a bucket.")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -153,6 +163,7 @@ def resolve_weights(path_or_hub_id: str) -> str:
 
 def open_pairs(data: ml_collections.ConfigDict) -> pipeline_lib.PairSource:
     """The PairUG source (JSONL file or TFDS directory); DataNotFound says how to build one."""
+    _require_local(data.path, "data.path")
     if not data.path or not os.path.exists(data.path):
         raise DataNotFound(
             f"config.data.path={data.path!r}: no PairUG data there. Build pairs from an "
@@ -295,8 +306,9 @@ def save_policy(model_config: JanusConfig, params, processor: JanusProcessor, pa
     writes)."""
     params = multihost_utils.process_allgather(params, tiled=True)  # numpy, on every host
     if jax.process_index() == 0:
-        checkpoints.save_hf(model_config, params, path)
-        processor.tokenizer.save_pretrained(path)
+        with files.local_directory(path) as local:
+            checkpoints.save_hf(model_config, params, local)
+            processor.tokenizer.save_pretrained(local)
 
 
 def run_pairug(config: ml_collections.ConfigDict, workdir: str, *,
@@ -331,7 +343,7 @@ def run_pairug(config: ml_collections.ConfigDict, workdir: str, *,
     model_dir = os.path.join(workdir, "model")
     save_policy(model_config, params, processor, model_dir)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
+        with files.open_file(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1, sort_keys=True)
     log(f"pairug: policy saved to {model_dir}")
     return summary

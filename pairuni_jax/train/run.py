@@ -7,6 +7,8 @@ import os
 import jax
 import ml_collections
 
+from pairuni_jax.train import files
+
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Dispatch on `config.job`; every job resumes from what `workdir` already holds."""
@@ -26,8 +28,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    files.makedirs(workdir)
+    with files.open_file(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json(indent=1))
 
 

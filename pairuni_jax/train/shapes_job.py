@@ -35,6 +35,7 @@ from pairuni_jax.models import janus
 from pairuni_jax.models.configs import JanusConfig, LlamaConfig, SigLIPConfig
 from pairuni_jax.processing import JanusProcessor
 from pairuni_jax.rl.rewards import build_generation_reward
+from pairuni_jax.train import files
 from pairuni_jax.train import rl as rl_lib
 from pairuni_jax.train import sft as sft_lib
 from pairuni_jax.train import vq as vq_lib
@@ -93,6 +94,9 @@ class ShapesJob:
     """The stages of the embedded default, sharing the config and the workdir."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, log=print):
+        if files.is_url(workdir):
+            raise ValueError(f"--workdir={workdir}: the Shapes job renders its world and keeps "
+                             "its stages in local files; give it a local directory")
         self.config, self.workdir, self.log = config, os.path.abspath(workdir), log
         self.world_dir = os.path.join(self.workdir, "world")
         side = world_config(config).image_size  # a bad crop is refused before any stage runs
