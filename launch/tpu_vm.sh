@@ -2,7 +2,7 @@
 # Run pairuni_jax on a Cloud TPU VM or a multi-host pod slice: create it, install the package on
 # every worker, fetch the Janus-Pro weights, run the job on all workers, follow the logs, delete.
 #
-#   launch/tpu_vm.sh create|install|weights|run|logs|status|stop|ssh|delete|up [-- main.py flags]
+#   launch/tpu_vm.sh create|install|weights|data|run|logs|status|stop|ssh|delete|up [-- flags]
 #
 # Every worker runs the same command; the job finds its peers through the TPU metadata server
 # (pairuni_jax/train/distributed.py), so no coordinator flags are needed on a pod slice.
@@ -19,6 +19,8 @@ JAX_VERSION="${JAX_VERSION:-0.10.2}"        # must match requirements.txt
 REMOTE_DIR="${REMOTE_DIR:-pairuni_jax}"     # checkout location on each worker (under ~)
 MODEL_ID="${MODEL_ID:-deepseek-ai/Janus-Pro-7B}"
 WEIGHTS_DIR="${WEIGHTS_DIR:-weights/Janus-Pro-7B}"  # relative to REMOTE_DIR
+DATA_URL="${DATA_URL:-}"                    # a bucket prefix holding the PairUG data, e.g. gs://b/pairug
+DATA_DIR="${DATA_DIR:-data/pairug}"         # where `data` copies it on each worker (under REMOTE_DIR)
 CONFIG="${CONFIG:-configs/pairug.py:7b}"
 WORKDIR="${WORKDIR:-runs/pairug}"           # a pod slice needs a shared path, e.g. gs://bucket/run
 LOG="${LOG:-run.log}"                       # job log on each worker (under REMOTE_DIR)
@@ -35,23 +37,28 @@ commands:
   create    create the TPU VM / pod slice \$TPU_NAME (\$ACCELERATOR in \$ZONE)
   install   copy this checkout to every worker and pip install it with jax[tpu]==\$JAX_VERSION
   weights   download \$MODEL_ID to \$WEIGHTS_DIR on every worker (hf download)
+  data      copy \$DATA_URL (pairs JSONL + images) to \$DATA_DIR on every worker (the data
+            is read from local disk; the workdir may be a bucket)
   run       start the job on every worker in the background (log: \$REMOTE_DIR/\$LOG)
   logs      follow the log of worker \$WORKER (Ctrl-C stops following, not the job)
   status    show whether the job runs on each worker, with the last log line
   stop      stop the job on every worker (the job saves a checkpoint on SIGTERM)
   ssh       open a shell on worker \$WORKER
   delete    delete the TPU VM / pod slice
-  up        create, install, weights, run, logs
+  up        create, install, weights, data (when \$DATA_URL is set), run, logs
 
 settings (environment; current values):
   TPU_NAME=$TPU_NAME ZONE=$ZONE PROJECT=${PROJECT:-<gcloud default>}
   ACCELERATOR=$ACCELERATOR RUNTIME=$RUNTIME SPOT=$SPOT JAX_VERSION=$JAX_VERSION
   REMOTE_DIR=$REMOTE_DIR MODEL_ID=$MODEL_ID WEIGHTS_DIR=$WEIGHTS_DIR
+  DATA_URL=${DATA_URL:-<unset>} DATA_DIR=$DATA_DIR
   CONFIG=$CONFIG WORKDIR=$WORKDIR LOG=$LOG WORKER=$WORKER
 
-example (Janus-Pro-7B, full fine-tuning over fsdp 4 x tensor 4, a v4-32 slice, checkpoints on GCS):
-  ACCELERATOR=v4-32 WORKDIR=gs://my-bucket/pairuni-7b $(basename "$0") up -- \\
-      --config.model.path=weights/Janus-Pro-7B --config.mesh.tensor=4
+example (Janus-Pro-7B, full fine-tuning over fsdp 4 x tensor 4, a v4-32 slice, data and
+workdir on GCS):
+  ACCELERATOR=v4-32 DATA_URL=gs://my-bucket/pairug WORKDIR=gs://my-bucket/pairuni-7b \\
+      $(basename "$0") up -- --config.model.path=weights/Janus-Pro-7B \\
+      --config.data.path=data/pairug/pairs.jsonl --config.mesh.tensor=4
 EOF
 }
 
@@ -100,6 +107,15 @@ cmd_weights() {
     else huggingface-cli download $MODEL_ID --local-dir $WEIGHTS_DIR; fi"
 }
 
+cmd_data() {
+  if [[ -z "$DATA_URL" ]]; then
+    echo "DATA_URL is not set: give the bucket prefix of the PairUG data, e.g. gs://b/pairug" >&2
+    exit 2
+  fi
+  on_workers all "mkdir -p $REMOTE_DIR/$DATA_DIR && \
+    gcloud storage cp -r '${DATA_URL%/}/*' $REMOTE_DIR/$DATA_DIR/"
+}
+
 cmd_run() {
   local flags
   flags="$(quoted --config="$CONFIG" --workdir="$WORKDIR" "$@")"
@@ -137,9 +153,13 @@ main() {
   [[ $# -gt 0 ]] && shift
   [[ "${1:-}" == "--" ]] && shift
   case "$command" in
-    create | install | weights | logs | status | stop | ssh | delete) "cmd_$command" ;;
+    create | install | weights | data | logs | status | stop | ssh | delete) "cmd_$command" ;;
     run) cmd_run "$@" ;;
-    up) cmd_create && cmd_install && cmd_weights && cmd_run "$@" && cmd_logs ;;
+    up)
+      cmd_create && cmd_install && cmd_weights
+      if [[ -n "$DATA_URL" ]]; then cmd_data; fi
+      cmd_run "$@" && cmd_logs
+      ;;
     -h | --help | help) usage ;;
     *) usage >&2; exit 2 ;;
   esac
