@@ -73,6 +73,8 @@ def test_missing_weights_say_how_to_get_them(tmp_path, monkeypatch):
     assert "configs/shapes.py" in str(e.value)
     with pytest.raises(pairug_job.WeightsNotFound, match="no config.json"):
         pairug_job.resolve_weights(str(tmp_path))
+    with pytest.raises(pairug_job.WeightsNotFound, match="local disk.*tpu_vm.sh weights"):
+        pairug_job.resolve_weights("gs://bucket/Janus-Pro-7B")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))

@@ -135,6 +135,10 @@ def _require_local(path: str, field: str) -> None:
 def resolve_weights(path_or_hub_id: str) -> str:
     """The checkpoint directory: `path_or_hub_id` itself, or its Hub snapshot (downloaded once,
     then read from the Hugging Face cache). Raises WeightsNotFound saying how to get them."""
+    if files.is_url(path_or_hub_id):
+        raise WeightsNotFound(
+            f"config.model.path={path_or_hub_id!r}: weights are read from local disk; download "
+            "them on every host (launch/tpu_vm.sh weights) and pass the local directory.")
     known = path_or_hub_id.startswith(("deepseek-ai/", "deepseek-community/"))
     hub_id = path_or_hub_id if known else "deepseek-ai/Janus-Pro-1B"  # what to suggest
     local = f"weights/{hub_id.split('/')[-1]}"
