@@ -37,8 +37,8 @@ commands:
   create    create the TPU VM / pod slice \$TPU_NAME (\$ACCELERATOR in \$ZONE)
   install   copy this checkout to every worker and pip install it with jax[tpu]==\$JAX_VERSION
   weights   download \$MODEL_ID to \$WEIGHTS_DIR on every worker (hf download)
-  data      copy \$DATA_URL (pairs JSONL + images) to \$DATA_DIR on every worker (the data
-            is read from local disk; the workdir may be a bucket)
+  data      copy \$DATA_URL (pairs JSONL + images) to \$DATA_DIR on every worker (faster to
+            read than the bucket, which --config.data.path may also name directly)
   run       start the job on every worker in the background (log: \$REMOTE_DIR/\$LOG)
   logs      follow the log of worker \$WORKER (Ctrl-C stops following, not the job)
   status    show whether the job runs on each worker, with the last log line

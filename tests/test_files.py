@@ -1,4 +1,4 @@
-"""The job's files in a bucket: the writers go through train/files.py, tried on TensorFlow's
+"""The job's files in a bucket: the writers go through pairuni_jax/files.py, tried on TensorFlow's
 in-memory file system (ram://), which tf.io.gfile serves like gs://."""
 
 import io
@@ -15,10 +15,11 @@ from micro_job import smoke_config
 from PIL import Image
 from tiny_tokenizer import save_tiny_tokenizer
 
+from pairuni_jax import files
 from pairuni_jax.checkpoints import load_janus
 from pairuni_jax.models import configs, janus
 from pairuni_jax.processing import JanusProcessor
-from pairuni_jax.train import files, run
+from pairuni_jax.train import run
 from pairuni_jax.train.metrics import MetricsWriter, read_jsonl
 from pairuni_jax.train.pairug_job import save_policy
 from pairuni_jax.train.shapes_job import ShapesJob

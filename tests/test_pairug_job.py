@@ -95,8 +95,11 @@ def test_missing_data_and_reward_weights_say_how_to_build_them(tmp_path):
     c.reward.hpsv2_checkpoint = str(tmp_path / "HPS_v2.1_compressed.pt")
     with pytest.raises(pairug_job.DataNotFound, match=r"config\.reward\.hpsv2_checkpoint.*xswu"):
         pairug_job.validate(c)
-    c.data.path = "gs://bucket/pairug/pairs.jsonl"  # inputs in a bucket: say how to bring them
-    with pytest.raises(pairug_job.DataNotFound, match=r"config\.data\.path=.*local disk.*tpu_vm"):
+    c.reward.hpsv2_checkpoint = "gs://bucket/HPS_v2.1_compressed.pt"  # weights: local only
+    with pytest.raises(pairug_job.DataNotFound, match=r"hpsv2_checkpoint=.*local disk"):
+        pairug_job.validate(c)
+    c.data.path = "ram://nowhere/pairs.jsonl"  # data may be in a bucket, but must be there
+    with pytest.raises(pairug_job.DataNotFound, match="no PairUG data there"):
         pairug_job.open_pairs(c.data)
 
 

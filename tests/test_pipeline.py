@@ -1,6 +1,7 @@
 """tf.data pipeline: batch contents, preprocessing parity, determinism, sharding and resume."""
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -188,6 +189,31 @@ def test_tfds_source_gives_the_same_batches(source, processor, tmp_path):
     for x, y in zip(take(make(source, processor).iterator(), 6),
                     take(make(tfds_source, processor).iterator(), 6), strict=True):
         assert_same(x, y)
+
+
+def test_a_dataset_in_a_bucket_gives_the_same_batches(source, processor, tmp_path):
+    """The same files under a URL (tf.io.gfile's in-memory ram://, served like gs://)."""
+    import uuid
+
+    import tensorflow as tf
+
+    bucket = f"ram://pairug-{uuid.uuid4().hex[:8]}"
+    local_root = os.path.dirname(source.name)
+    for root, _, names in os.walk(local_root):
+        rel = os.path.relpath(root, local_root)
+        target = bucket if rel == "." else f"{bucket}/{rel}"
+        tf.io.gfile.makedirs(target)
+        for name in names:
+            tf.io.gfile.copy(os.path.join(root, name), f"{target}/{name}")
+    remote = pipeline.open_source(f"{bucket}/pairs.jsonl")
+    assert remote.root == bucket and remote.records == source.records
+    for x, y in zip(take(make(source, processor).iterator(), 6),
+                    take(make(remote, processor).iterator(), 6), strict=True):
+        assert_same(x, y)
+    checked = pairug.read_pairug(f"{bucket}/pairs.jsonl", check_images=True)  # `validate`
+    assert checked.records == source.records and not checked.errors
+    with pytest.raises(ValueError, match="outside the dataset root"):
+        pairug.resolve_image_path("img/../../x.png", bucket)
 
 
 def test_tfds_builder_validates_its_input(tmp_path):

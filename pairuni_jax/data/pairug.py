@@ -28,10 +28,13 @@ import dataclasses
 import json
 import math
 import os
+import posixpath
 import re
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
+
+from pairuni_jax import files
 
 PAIR_TYPES = ("aligned", "retrieved")
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
@@ -215,8 +218,13 @@ def resolve_image_path(rel: str, root: str, make_error=None) -> str:
     def fail(reason, detail):
         raise (make_error or (lambda r, d: ValueError(f"{r}: {d}")))(reason, detail)
 
-    if os.path.isabs(rel):
+    if os.path.isabs(rel) or files.is_url(rel):
         fail("path_escapes_root", f"{rel!r} is absolute; paths are relative to the dataset root")
+    if files.is_url(root):  # a bucket: no links to follow, only '..' to refuse
+        inner = posixpath.normpath(rel)
+        if inner == ".." or inner.startswith("../"):
+            fail("path_escapes_root", f"{rel!r} resolves outside the dataset root {root}")
+        return f"{root.rstrip('/')}/{inner}"
     root_abs = os.path.realpath(root)
     full = os.path.realpath(os.path.join(root_abs, rel))
     if os.path.commonpath([root_abs, full]) != root_abs:
@@ -239,10 +247,10 @@ def _image_problem(full: str) -> tuple[str, str] | None:
     """(reason, detail) when the image cannot be used, else None. Decodes the full image."""
     from PIL import Image, UnidentifiedImageError
 
-    if not os.path.exists(full):
+    if not files.exists(full):
         return "missing_image", "file does not exist"
     try:
-        with Image.open(full) as im:
+        with files.open_file(full, "rb") as f, Image.open(f) as im:
             im.load()
             if im.width < 1 or im.height < 1:
                 return "corrupt_image", "image has no pixels"
@@ -350,11 +358,11 @@ def read_jsonl(
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if kind not in _PARSERS:
         raise ValueError(f"kind must be one of {sorted(_PARSERS)}, got {kind!r}")
-    root = root if root is not None else os.path.dirname(os.path.abspath(path))
+    root = root if root is not None else os.path.dirname(files.absolute(path))
     parse = _PARSERS[kind]
     result = ReadResult([], collections.Counter(), [], collections.Counter(), path, root)
     image_cache: dict = {}
-    with open(path, "rb") as f:
+    with files.open_file(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue

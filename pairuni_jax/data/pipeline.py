@@ -47,6 +47,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from pairuni_jax import files
 from pairuni_jax.data import pairug
 from pairuni_jax.processing import PAD_COLOUR, pad_left, resized_size
 
@@ -92,7 +93,7 @@ class JsonlPairSource:
 
     def understanding_image(self, index: int) -> bytes:
         rel = self.records[index].understand_ann.image_path
-        with open(pairug.resolve_image_path(rel, self.root), "rb") as f:
+        with files.open_file(pairug.resolve_image_path(rel, self.root), "rb") as f:
             return f.read()
 
     def describe(self, index: int) -> str:
@@ -101,7 +102,7 @@ class JsonlPairSource:
 
 def open_source(path: str, *, root: str | None = None, on_error: pairug.OnError = "raise"):
     """A PairUG JSONL file, or a directory prepared by `tfds_pairug.PairUG`, as a PairSource."""
-    if os.path.isdir(path):
+    if files.isdir(path):
         from pairuni_jax.data.tfds_pairug import TfdsPairSource
 
         return TfdsPairSource(path)

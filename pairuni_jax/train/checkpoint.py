@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from pairuni_jax.train import files
+from pairuni_jax import files
 
 
 class Checkpointer:

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pairuni_jax.train import files
+from pairuni_jax import files
 
 
 def image_grid(

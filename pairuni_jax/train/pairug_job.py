@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from PIL import Image
 
-from pairuni_jax import checkpoints, rollout
+from pairuni_jax import checkpoints, files, rollout
 from pairuni_jax.data import pairug
 from pairuni_jax.data import pipeline as pipeline_lib
 from pairuni_jax.data.shapes_eval import mc_accuracy
@@ -36,8 +36,8 @@ from pairuni_jax.models import lora as lora_lib
 from pairuni_jax.models.configs import JanusConfig, from_hf_config
 from pairuni_jax.processing import JanusProcessor, letterbox
 from pairuni_jax.rl.rewards import build_generation_reward, extract_choice, parse_generation_spec
-from pairuni_jax.train import files, sharding
 from pairuni_jax.train import rl as rl_lib
+from pairuni_jax.train import sharding
 
 EMBEDDED_DEFAULT = (
     "To try the whole pipeline without downloads, run the embedded default instead: "
@@ -102,10 +102,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     except ValueError as e:
         raise ConfigError(f"config.{e}") from None
     if "hpsv2" in weights:
+        _require_local(config.reward.hpsv2_checkpoint, "reward.hpsv2_checkpoint")
         _require_file(config.reward.hpsv2_checkpoint, "reward.hpsv2_checkpoint",
                       "download it with `hf download xswu/HPSv2 "
                       "HPS_v2.1_compressed.pt --local-dir weights`")
     if "clip" in weights:
+        _require_local(config.reward.clip_path, "reward.clip_path")
         _require_file(config.reward.clip_path, "reward.clip_path",
                       "a transformers CLIP directory, e.g. `hf download "
                       "openai/clip-vit-large-patch14 --local-dir weights/clip-vit-large-patch14`")
@@ -115,18 +117,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def _require_file(path: str, field: str, how: str) -> None:
-    _require_local(path, field)
-    if not path or not os.path.exists(path):
+    if not path or not files.exists(path):
         raise DataNotFound(f"config.{field}: {path!r} does not exist; {how}")
 
 
 def _require_local(path: str, field: str) -> None:
-    """Inputs are read from local disk (only the workdir may be a bucket)."""
+    """Reward checkpoints are loaded from local disk (data and the workdir may be in a bucket)."""
     if path and files.is_url(path):
         raise DataNotFound(
-            f"config.{field}={path!r}: inputs are read from local disk; copy them to every "
-            "host first (launch/tpu_vm.sh data copies DATA_URL to DATA_DIR on each worker) and "
-            "pass the local path. The workdir may be a bucket.")
+            f"config.{field}={path!r}: reward weights are read from local disk; download them on "
+            "every host and pass the local path.")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -167,8 +167,7 @@ def resolve_weights(path_or_hub_id: str) -> str:
 
 def open_pairs(data: ml_collections.ConfigDict) -> pipeline_lib.PairSource:
     """The PairUG source (JSONL file or TFDS directory); DataNotFound says how to build one."""
-    _require_local(data.path, "data.path")
-    if not data.path or not os.path.exists(data.path):
+    if not data.path or not files.exists(data.path):
         raise DataNotFound(
             f"config.data.path={data.path!r}: no PairUG data there. Build pairs from an "
             "understanding and a generation JSONL with `python -m pairuni_jax.data.pairing "
@@ -246,7 +245,7 @@ class UnderstandingEvaluator:
         out = []
         for i in rows:
             full = pairug.resolve_image_path(self.records[i].image_path, self.root)
-            with Image.open(full) as im:
+            with files.open_file(full, "rb") as f, Image.open(f) as im:
                 out.append(letterbox(im, self.processor.image_size))
         return np.stack(out)
 

@@ -7,7 +7,7 @@ import os
 import jax
 import ml_collections
 
-from pairuni_jax.train import files
+from pairuni_jax import files
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:

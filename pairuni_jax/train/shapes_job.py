@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from pairuni_jax import checkpoints
+from pairuni_jax import checkpoints, files
 from pairuni_jax.data import features as features_lib
 from pairuni_jax.data import pairing, pairug
 from pairuni_jax.data import pipeline as pipeline_lib
@@ -35,7 +35,6 @@ from pairuni_jax.models import janus
 from pairuni_jax.models.configs import JanusConfig, LlamaConfig, SigLIPConfig
 from pairuni_jax.processing import JanusProcessor
 from pairuni_jax.rl.rewards import build_generation_reward
-from pairuni_jax.train import files
 from pairuni_jax.train import rl as rl_lib
 from pairuni_jax.train import sft as sft_lib
 from pairuni_jax.train import vq as vq_lib

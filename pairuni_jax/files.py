@@ -1,8 +1,9 @@
-"""Workdir files on a local disk or in a bucket (`gs://...`, anything tf.io.gfile can open).
+"""Files on a local disk or in a bucket (`gs://...`, anything tf.io.gfile can open).
 
 On a TPU pod every host must see one workdir, which is a bucket; Orbax handles its checkpoints
 there itself, and the job's other files (config.json, metrics.jsonl, image grids, summary.json,
-the exported policy) go through these helpers. Local paths behave as plain files.
+the exported policy) and its PairUG inputs (pairs, images, the eval set) go through these
+helpers. Local paths take the plain-file route (`open`, `os.path`), exactly as before.
 """
 
 from __future__ import annotations
@@ -34,16 +35,27 @@ def absolute(path: str | os.PathLike) -> str:
 
 def makedirs(path: str | os.PathLike) -> None:
     """Create a directory and its parents (no-op if it exists)."""
-    _gfile().makedirs(os.fspath(path))
+    path = os.fspath(path)
+    if is_url(path):
+        _gfile().makedirs(path)
+    else:
+        os.makedirs(path, exist_ok=True)
 
 
 def open_file(path: str | os.PathLike, mode: str = "r") -> IO:
-    """A file object for a local path or a URL; modes as `open` ('r', 'w', 'a', 'rb', 'wb')."""
-    return _gfile().GFile(os.fspath(path), mode)
+    """`open(path, mode)` for a local path; a tf.io.gfile file object for a URL."""
+    path = os.fspath(path)
+    return _gfile().GFile(path, mode) if is_url(path) else open(path, mode)  # noqa: SIM115
 
 
 def exists(path: str | os.PathLike) -> bool:
-    return _gfile().exists(os.fspath(path))
+    path = os.fspath(path)
+    return _gfile().exists(path) if is_url(path) else os.path.exists(path)
+
+
+def isdir(path: str | os.PathLike) -> bool:
+    path = os.fspath(path)
+    return _gfile().isdir(path) if is_url(path) else os.path.isdir(path)
 
 
 @contextlib.contextmanager
