@@ -11,6 +11,7 @@ import optax
 import pytest
 import rl_tiny
 
+from pairuni_jax.models.partitioning import batch_shards
 from pairuni_jax.train import rl as rl_lib
 from pairuni_jax.train import sharding
 from pairuni_jax.train.checkpoint import Checkpointer
@@ -146,11 +147,23 @@ def test_understanding_only_run_skips_generation(tiny, tmp_path):
         rl_tiny.rl_config(tasks=("und", "images"))
 
 
-def test_sharded_mesh_run_matches_one_device(tiny, uninterrupted, tmp_path):
+def test_sharded_mesh_run_matches_one_device(tiny, uninterrupted, tmp_path, monkeypatch):
     """FSDP + tensor parallelism over 4 devices: the same steps as the one-device run, within
-    float32 reduction-order tolerance."""
+    float32 reduction-order tolerance; the rollouts are called under the mesh, so the model's
+    row constraints (models/partitioning.py) are in their programs."""
+    shards_seen = []
+
+    def under_mesh(fn):
+        def spy(*args, **kwargs):
+            shards_seen.append(batch_shards())
+            return fn(*args, **kwargs)
+        return spy
+
+    for name in ("generate_text", "generate_images"):
+        monkeypatch.setattr(rl_lib.rollout, name, under_mesh(getattr(rl_lib.rollout, name)))
     mesh = sharding.make_mesh(1, 2, 2, devices=jax.devices()[:4])
     params, _, _ = train(tiny, tmp_path, mesh=mesh, steps=2)
+    assert len(shards_seen) >= 4 and set(shards_seen) == {2}  # 2 steps x 2 tasks; data x fsdp
     got, want = step_metrics(tmp_path), step_metrics(uninterrupted["dir"])
     for step in (1, 2):
         for key in ("train/grad_norm", "train/update_norm", "train/gen/reward_mean"):
