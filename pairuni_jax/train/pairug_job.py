@@ -102,31 +102,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
     except ValueError as e:
         raise ConfigError(f"config.{e}") from None
     if "hpsv2" in weights:
-        _require_local(config.reward.hpsv2_checkpoint, "reward.hpsv2_checkpoint")
         _require_file(config.reward.hpsv2_checkpoint, "reward.hpsv2_checkpoint",
                       "download it with `hf download xswu/HPSv2 "
-                      "HPS_v2.1_compressed.pt --local-dir weights`")
+                      "HPS_v2.1_compressed.pt --local-dir weights`", local=True)
     if "clip" in weights:
-        _require_local(config.reward.clip_path, "reward.clip_path")
         _require_file(config.reward.clip_path, "reward.clip_path",
                       "a transformers CLIP directory, e.g. `hf download "
-                      "openai/clip-vit-large-patch14 --local-dir weights/clip-vit-large-patch14`")
+                      "openai/clip-vit-large-patch14 --local-dir weights/clip-vit-large-patch14`",
+                      local=True)
     if config.eval.understanding:
         _require_file(config.eval.understanding, "eval.understanding",
                       "a held-out understanding JSONL, or '' for no evaluation")
 
 
-def _require_file(path: str, field: str, how: str) -> None:
-    if not path or not files.exists(path):
-        raise DataNotFound(f"config.{field}: {path!r} does not exist; {how}")
-
-
-def _require_local(path: str, field: str) -> None:
-    """Reward checkpoints are loaded from local disk (data and the workdir may be in a bucket)."""
-    if path and files.is_url(path):
+def _require_file(path: str, field: str, how: str, *, local: bool = False) -> None:
+    """`path` exists; with `local`, on this host's disk (reward weights are loaded from local
+    files; data and the workdir may be in a bucket)."""
+    if local and path and files.is_url(path):
         raise DataNotFound(
             f"config.{field}={path!r}: reward weights are read from local disk; download them on "
             "every host and pass the local path.")
+    if not path or not files.exists(path):
+        raise DataNotFound(f"config.{field}: {path!r} does not exist; {how}")
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -162,7 +162,7 @@ def shard_params(params: Any, rules: Sequence[Rule], mesh: Mesh) -> Any:
 
 def mesh_context(mesh: Mesh | None) -> contextlib.AbstractContextManager:
     """`jax.set_mesh(mesh)` (nothing without a mesh) for the calls of the policy's programs: traced
-    inside it, the model pins its activations' rows to the batch axes (models/partitioning.py)."""
+    inside it, the VQ pins its activations' rows to the batch axes (models/partitioning.py)."""
     return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
