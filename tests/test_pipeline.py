@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 from tiny_tokenizer import save_tiny_tokenizer
 
+from pairuni_jax import files
 from pairuni_jax.data import pairug, pipeline
 from pairuni_jax.processing import JanusProcessor, preprocess_image
 
@@ -191,20 +192,14 @@ def test_tfds_source_gives_the_same_batches(source, processor, tmp_path):
         assert_same(x, y)
 
 
-def test_a_dataset_in_a_bucket_gives_the_same_batches(source, processor, tmp_path):
+def test_a_dataset_in_a_bucket_gives_the_same_batches(source, processor):
     """The same files under a URL (tf.io.gfile's in-memory ram://, served like gs://)."""
+    import shutil
     import uuid
 
-    import tensorflow as tf
-
     bucket = f"ram://pairug-{uuid.uuid4().hex[:8]}"
-    local_root = os.path.dirname(source.name)
-    for root, _, names in os.walk(local_root):
-        rel = os.path.relpath(root, local_root)
-        target = bucket if rel == "." else f"{bucket}/{rel}"
-        tf.io.gfile.makedirs(target)
-        for name in names:
-            tf.io.gfile.copy(os.path.join(root, name), f"{target}/{name}")
+    with files.local_directory(bucket) as staging:  # uploaded when the block ends
+        shutil.copytree(os.path.dirname(source.name), staging, dirs_exist_ok=True)
     remote = pipeline.open_source(f"{bucket}/pairs.jsonl")
     assert remote.root == bucket and remote.records == source.records
     for x, y in zip(take(make(source, processor).iterator(), 6),
