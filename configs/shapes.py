@@ -4,7 +4,7 @@
 
 Presets: `configs/shapes.py` (default; measured on an idle 2-core CPU VM: 12.5-14 min in all, of
 which VQ fit 3.2-4.3, SFT 4.4-5.2, Pair-GRPO 4.1-4.6; the VM's speed varies by a quarter from hour
-to hour), `configs/shapes.py:smoke` (2.0-2.5 min, mostly compilation; 1.3-1.5 min when the
+to hour), `configs/shapes.py:smoke` (2.0-2.5 min, mostly compilation; 1.0-1.5 min when the
 programs are in `compile_cache` from an earlier run). Every field can be
 overridden on the command line, e.g. `--config.sft.combiner.mode=pareto --config.seed=1`.
 """
