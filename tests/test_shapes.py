@@ -19,7 +19,7 @@ from pairuni_jax.data.shapes import (
     understanding_item,
     write_world,
 )
-from pairuni_jax.data.shapes_checker import detect, score_image, score_images
+from pairuni_jax.data.shapes_checker import MIN_FIT, detect, is_scene, score_image, score_images
 from pairuni_jax.data.shapes_eval import geneval_accuracy, mc_accuracy
 from pairuni_jax.data.shapes_render import (
     BACKGROUND,
@@ -190,6 +190,37 @@ def test_checker_scores_partial_and_wrong_images():
     frac, ok = score_images(np.stack([img, img]), ["a red circle", "a red square"])
     np.testing.assert_allclose(frac, [1.0, 0.5])
     np.testing.assert_array_equal(ok, [True, False])
+
+
+def test_checker_gives_nothing_for_an_image_that_is_no_scene():
+    """Clutter of blobs, each read as its nearest shape, used to meet "at least one X"
+    constraints (a policy learned to draw it); an image that is no scene of the world now meets
+    none: a blob that fits no shape, or more objects than a scene holds."""
+    scene = (_obj("circle", "red", 0.25, 0.25), _obj("square", "blue", 0.75, 0.25))
+    img = render(scene)
+    assert score_image(img, "a red circle and a blue square") == (1.0, True)
+    blob = img.copy()
+    blob[18:30, 4:8] = blob[26:30, 4:16] = PALETTE["green"]  # an L: fits no template
+    dets = detect(blob)
+    assert len(dets) == 3 and min(d.fit for d in dets) < MIN_FIT and not is_scene(dets)
+    assert score_image(blob, "a red circle and a blue square") == (0.0, False)
+    four = scene + (_obj("triangle", "green", 0.25, 0.75), _obj("circle", "yellow", 0.75, 0.75))
+    assert len(detect(render(four))) == 4
+    assert score_image(render(four), "a green triangle") == (0.0, False)
+    # A 4 px block fits the circle template perfectly, but is no object of the world.
+    dot = render(())
+    dot[10:14, 10:14] = PALETTE["red"]
+    assert [(d.shape, d.color, d.fit) for d in detect(dot)] == [("circle", "red", 1.0)]
+    assert score_image(dot, "a red circle") == (0.0, False)
+    # Random palette cells over the background: many such blobs.
+    rng = np.random.default_rng(0)
+    colours = np.array(list(PALETTE.values()), np.uint8)
+    cells = np.where(rng.random((8, 8, 1)) < 0.5, colours[rng.integers(0, 6, (8, 8))],
+                     np.array(BACKGROUND, np.uint8))
+    clutter = np.repeat(np.repeat(cells, 4, 0), 4, 1)  # [32, 32, 3]
+    assert len(detect(clutter)) > 3
+    for prompt in ("a circle", "two circles", "a red circle and a blue circle"):
+        assert score_image(clutter, prompt) == (0.0, False)
 
 
 def test_checker_survives_blur_and_noise():
