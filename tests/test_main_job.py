@@ -14,6 +14,7 @@ from micro_job import REPO, copy_of_micro_run, micro_config, micro_run, smoke_co
 from pairuni_jax.checkpoints import load_janus
 from pairuni_jax.models import lora as lora_lib
 from pairuni_jax.sampling import Sampling
+from pairuni_jax.train import evaluate
 from pairuni_jax.train import run as run_lib
 from pairuni_jax.train.metrics import read_jsonl
 from pairuni_jax.train.shapes_job import ShapesJob, rl_config
@@ -135,6 +136,15 @@ def test_the_evaluator_reads_back_params_it_scored_before(tmp_path, monkeypatch)
     evaluator.temperature = 0.5
     evaluator(params)
     assert len(calls) == 6 and len(os.listdir(tmp_path)) == 3
+    # A result scored by other scoring rules (the checker's, the answer reader's) is stale.
+    rules = tmp_path / "rules.py"
+    rules.write_text("MIN_FIT = 0.7")
+    monkeypatch.setattr(evaluate, "_SCORING_SOURCES", (str(rules),))
+    evaluator(params)
+    evaluator(params)
+    rules.write_text("MIN_FIT = 0.8")
+    evaluator(params)
+    assert len(calls) == 10 and len(list(tmp_path.glob("*.npz"))) == 5
 
 
 @pytest.mark.long

@@ -26,12 +26,17 @@ import numpy as np
 from PIL import Image
 
 from pairuni_jax import rollout
+from pairuni_jax.data import shapes_checker, shapes_eval
 from pairuni_jax.data.shapes_eval import geneval_accuracy, mc_accuracy
 from pairuni_jax.data.shapes_render import DEFAULT_WORLD, WorldConfig
 from pairuni_jax.models.configs import JanusConfig
 from pairuni_jax.processing import JanusProcessor
+from pairuni_jax.rl import rewards
 from pairuni_jax.rl.rewards import extract_choice
 from pairuni_jax.train.metrics import read_jsonl
+
+# The code that turns answers and images into scores: a result cached under older rules is stale.
+_SCORING_SOURCES = (shapes_checker.__file__, shapes_eval.__file__, rewards.__file__)
 
 
 def _batches(n: int, size: int) -> Sequence[np.ndarray]:
@@ -69,9 +74,10 @@ class ShapesEvaluator:
     """`evaluator(params, step) -> (metrics, sample images uint8 [n, H, W, 3], captions)`; the
     sample images are the first split's.
 
-    With `cache_dir`, each result is kept under a digest of the params and of every setting and
-    item: params scored before (the SFT policy that starts every RL and ablation run) are read
-    back, not scored again. The evaluation is a function of exactly these, so nothing changes.
+    With `cache_dir`, each result is kept under a digest of the params, of every setting and item
+    and of the scoring code's source: params scored before (the SFT policy that starts every RL
+    and ablation run) are read back, not scored again. The evaluation is a function of exactly
+    these, so nothing changes.
     """
 
     def __init__(self, world_dir: str, processor: JanusProcessor, model_config: JanusConfig, *,
@@ -170,7 +176,8 @@ class ShapesEvaluator:
         return out
 
     def _cache_path(self, params) -> str | None:
-        """`cache_dir/<digest of params and of every setting and item>.npz`, or None."""
+        """`cache_dir/<digest of params, every setting and item, and the scoring code>.npz`, or
+        None."""
         if not self.cache_dir:
             return None
         p = self.processor
@@ -178,6 +185,9 @@ class ShapesEvaluator:
                     self.und_samples, self.batch_size, self.num_images, self.world_config,
                     p.eos_id, p.pad_id, p.bos_id, p.image_start_id, p.image_placeholder_id)
         chunks = [repr(settings).encode(), np.asarray(jax.random.key_data(self.key)).tobytes()]
+        for source in _SCORING_SOURCES:
+            with open(source, "rb") as f:
+                chunks.append(f.read())
         for it in self.splits:
             chunks.append(repr((it.suffix, it.answers, it.tags, it.prompts)).encode())
             chunks += [a.tobytes() for a in (it.und_pixels, it.und_ids, it.und_mask, it.gen_ids,
