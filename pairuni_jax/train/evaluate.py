@@ -9,8 +9,9 @@ extraction; accuracy by question tag. `acc_sampled` is the expected accuracy of 
 at the RL temperature (the mean over `und_samples` answers per question, fixed key): what GRPO
 optimises, and it moves before the greedy answer flips. Generation: one CFG sample per prompt
 (fixed key, the RL temperature and guidance), decoded by the VQ and scored by the world's
-checker; strict GenEval-style accuracy by category, their mean ("overall") and the mean fraction
-of constraints.
+checker; strict GenEval-style accuracy by category, their mean ("overall"), the mean fraction
+of constraints, and "other_prompt": the overall accuracy of the same images against other prompts,
+which tells prompt-following from a drawing that meets many prompts at once.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pairuni_jax.rl.rewards import extract_choice
 from pairuni_jax.train.metrics import read_jsonl
 
 # The code that turns answers and images into scores: a result cached under older rules is stale.
-_SCORING_SOURCES = (shapes_checker.__file__, shapes_eval.__file__, rewards.__file__)
+_SCORING_SOURCES = (__file__, shapes_checker.__file__, shapes_eval.__file__, rewards.__file__)
 
 
 def _batches(n: int, size: int) -> Sequence[np.ndarray]:
@@ -151,6 +152,10 @@ class ShapesEvaluator:
             und["sampled"] = float(np.mean(hits))
         images = self.images_of(params, items)
         gen = geneval_accuracy(images, items.prompts, self.world_config)
+        # Each image against the next prompt (another category): as high as `overall` when the
+        # images do not depend on their prompts, e.g. a policy collapsed onto one drawing.
+        other = items.prompts[1:] + items.prompts[:1]
+        gen["other_prompt"] = geneval_accuracy(images, other, self.world_config)["overall"]
         metrics = {f"und{items.suffix}/acc_{k}": v for k, v in und.items()}
         metrics.update({f"gen{items.suffix}/acc_{k}": v for k, v in gen.items()})
         return metrics, images

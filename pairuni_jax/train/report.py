@@ -109,7 +109,7 @@ def accuracy_table(points: Sequence[tuple[str, dict[str, float]]], task: str) ->
 
 
 # Not categories: listed first, drawn in black.
-SUMMARY_METRICS = ("overall", "sampled", "constraints")
+SUMMARY_METRICS = ("overall", "sampled", "constraints", "other_prompt")
 
 
 def _label(key: str) -> str:
@@ -177,7 +177,7 @@ def plot_rewards(log: StageLog, path: str, title: str = "Pair-GRPO rewards") -> 
     return path
 
 
-_SUMMARY_STYLE = {"sampled": "--", "constraints": ":"}
+_SUMMARY_STYLE = {"sampled": "--", "constraints": ":", "other_prompt": "-."}
 
 
 def _eval_sets(logs: Mapping[str, StageLog]) -> list[str]:
@@ -245,7 +245,9 @@ def write_report(workdir: str, stage_names: Sequence[str] = ("world", "vq", "sft
                   "all questions; `sampled`: expected accuracy of one answer sampled at the RL "
                   "temperature). Generation: strict GenEval-style accuracy by prompt category "
                   "(`overall`: mean over categories; `constraints`: mean fraction of a prompt's "
-                  "constraints met). Columns: every evaluation, by stage and step.", ""]
+                  "constraints met; `other_prompt`: `overall` of the same images scored against "
+                  "another prompt, near `overall` when the images ignore their prompts). Columns: "
+                  "every evaluation, by stage and step.", ""]
         for task in _eval_sets(logs):
             lines += [f"### {EVAL_SETS[task].capitalize()}", "", accuracy_table(points, task), ""]
     total = sum((load_result(workdir, n) or {}).get("seconds", 0.0) for n in stage_names)
