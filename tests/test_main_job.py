@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from command_line import load_config
 from micro_job import REPO, copy_of_micro_run, micro_config, micro_run, smoke_config
+from PIL import Image
 
 from pairuni_jax.checkpoints import load_janus
 from pairuni_jax.models import lora as lora_lib
@@ -147,7 +148,30 @@ def test_the_evaluator_reads_back_params_it_scored_before(tmp_path, monkeypatch)
     assert len(calls) == 10 and len(list(tmp_path.glob("*.npz"))) == 5
 
 
+def test_other_prompt_accuracy_tells_prompt_following_from_one_drawing(monkeypatch):
+    """Ground-truth images meet their own prompts, not the next ones; one drawing for every
+    prompt scores the same against either."""
+    workdir, _ = micro_run()
+    job = ShapesJob(micro_config(), workdir)
+    model_dir = os.path.join(workdir, "sft", "model")
+    model_config, params = load_janus(model_dir)
+    evaluator = job.evaluator(job.processor(model_dir), model_config)
+    items = evaluator.splits[0]
+    records = read_jsonl(os.path.join(job.world_dir, "heldout_generation.jsonl"))
+    truth = np.stack([np.asarray(Image.open(os.path.join(job.world_dir, r["image_path"])))
+                      for r in records[:len(items.prompts)]])
+    monkeypatch.setattr(evaluator, "images_of", lambda p, it: truth)
+    metrics, _ = evaluator.split_metrics(params, items)
+    assert metrics["gen/acc_overall"] == 1.0 and metrics["gen/acc_other_prompt"] <= 0.5
+    monkeypatch.setattr(evaluator, "images_of", lambda p, it: truth[[0] * len(truth)])
+    metrics, _ = evaluator.split_metrics(params, items)
+    assert metrics["gen/acc_other_prompt"] == metrics["gen/acc_overall"]
+
+
 @pytest.mark.long
+@pytest.mark.xfail(strict=True, reason=(
+    "since the checker gives clutter nothing, 40 smoke RL steps do not raise the generation "
+    "reward (first / last third 0.125 / 0.132); the rise it saw before was clutter"))
 def test_smoke_raises_the_generation_reward_once_its_vq_can_draw(tmp_path):
     """`:smoke` end to end with the VQ fitted long enough to draw the world's scenes (600 steps)
     and 40 RL steps: the training generation reward of the last third of the steps is above the
