@@ -2,11 +2,12 @@
 
     python -m pairuni_jax.main --config=configs/shapes.py --workdir=runs/shapes
 
-Presets: `configs/shapes.py` (default; measured on an idle 2-core CPU VM: 12.5-14 min in all, of
-which VQ fit 3.2-4.3, SFT 4.4-5.2, Pair-GRPO 4.1-4.6; the VM's speed varies by a quarter from hour
-to hour), `configs/shapes.py:smoke` (2.0-2.5 min, mostly compilation; 1.0-1.5 min when the
-programs are in `compile_cache` from an earlier run). Every field can be
-overridden on the command line, e.g. `--config.sft.combiner.mode=pareto --config.seed=1`.
+Presets: `configs/shapes.py` (default; measured on idle 2-core CPU VMs: 12.5-14 min in all on the
+slower hosts, of which VQ fit 3.2-4.3, SFT 4.4-5.2, Pair-GRPO 4.1-4.6; 4.3 min on a fast host with
+the compile cache warm: VQ 1.3, SFT 1.6, Pair-GRPO 1.2), `configs/shapes.py:smoke` (2.0-2.5 min,
+mostly compilation; 1.0-1.5 min when the programs are in `compile_cache` from an earlier run).
+Every field can be overridden on the command line, e.g.
+`--config.sft.combiner.mode=pareto --config.seed=1`.
 """
 
 import ml_collections
