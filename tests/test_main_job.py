@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from command_line import load_config
 from micro_job import REPO, copy_of_micro_run, micro_config, micro_run, smoke_config
-from PIL import Image
 
 from pairuni_jax.checkpoints import load_janus
 from pairuni_jax.models import lora as lora_lib
@@ -18,7 +17,7 @@ from pairuni_jax.sampling import Sampling
 from pairuni_jax.train import evaluate
 from pairuni_jax.train import run as run_lib
 from pairuni_jax.train.metrics import read_jsonl
-from pairuni_jax.train.shapes_job import ShapesJob, rl_config
+from pairuni_jax.train.shapes_job import ShapesJob, _load_image, rl_config
 from pairuni_jax.train.stages import StageInputsChanged
 
 pytestmark = pytest.mark.slow
@@ -158,7 +157,7 @@ def test_other_prompt_accuracy_tells_prompt_following_from_one_drawing(monkeypat
     evaluator = job.evaluator(job.processor(model_dir), model_config)
     items = evaluator.splits[0]
     records = read_jsonl(os.path.join(job.world_dir, "heldout_generation.jsonl"))
-    truth = np.stack([np.asarray(Image.open(os.path.join(job.world_dir, r["image_path"])))
+    truth = np.stack([_load_image(job.world_dir, r["image_path"])
                       for r in records[:len(items.prompts)]])
     monkeypatch.setattr(evaluator, "images_of", lambda p, it: truth)
     metrics, _ = evaluator.split_metrics(params, items)

@@ -195,7 +195,8 @@ def test_checker_scores_partial_and_wrong_images():
 def test_checker_gives_nothing_for_an_image_that_is_no_scene():
     """Clutter of blobs, each read as its nearest shape, used to meet "at least one X"
     constraints (a policy learned to draw it); an image that is no scene of the world now meets
-    none: a blob that fits no shape, or more objects than a scene holds."""
+    none: a blob that fits no shape, one too small to be an object, or more objects than a scene
+    holds."""
     scene = (_obj("circle", "red", 0.25, 0.25), _obj("square", "blue", 0.75, 0.25))
     img = render(scene)
     assert score_image(img, "a red circle and a blue square") == (1.0, True)
