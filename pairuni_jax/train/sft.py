@@ -4,6 +4,12 @@ The two objectives are the text-token and image-token cross-entropies, combined 
 combiner as RL (`pareto.combined_gradient`: 'sum', or 'pareto' min-norm: the Pareto LoRA setting).
 Both are token means over their task's batch; they come back separately in the metrics.
 
+Classifier-free guidance samples from uncond + w * (cond - uncond), so the unconditional rows need
+training too: a `cfg_dropout` share of the generation examples in each batch are trained on their
+unconditional prompt (BOS, pads, <begin_of_image>: the rollout's row), as CFG-trained image models
+are (LlamaGen drops 10% of its conditions). Without it, the guided sampler amplifies the difference
+to a branch that never learned to draw.
+
 Data are held in memory as padded numpy arrays (`SFTData`); the batch of step s is drawn with
 numpy's generator seeded by (seed, s), so a resumed run sees exactly the batches of an
 uninterrupted one. Batches use the update step's layout (`rl_step`): per task prompt_ids,
@@ -40,6 +46,7 @@ class SFTConfig:
     batch_size: int = 32  # items per task per step
     learning_rate: float = 1e-3
     warmup_steps: int = 100
+    cfg_dropout: float = 0.1  # share of generation examples trained on the unconditional prompt
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     combiner: pareto.CombinerConfig = pareto.CombinerConfig()
@@ -49,6 +56,10 @@ class SFTConfig:
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 500
+
+    def __post_init__(self):
+        if not 0.0 <= self.cfg_dropout < 1.0:
+            raise ValueError(f"SFTConfig.cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
 
 
 @dataclasses.dataclass
@@ -64,13 +75,19 @@ class SFTData:
     gen_ids: np.ndarray  # int32 [Ng, Lg]
     gen_mask: np.ndarray  # bool [Ng, Lg]
     gen_codes: np.ndarray  # int32 [Ng, N]
+    gen_uncond_ids: np.ndarray  # int32 [Ng, Lg]: the unconditional prompts (gen_mask applies)
     image_placeholder_id: int
 
-    def batch(self, rng: np.random.Generator, size: int) -> dict:
-        """A random batch in the update step's layout."""
+    def batch(self, rng: np.random.Generator, size: int, cfg_dropout: float = 0.0) -> dict:
+        """A random batch in the update step's layout; a `cfg_dropout` share of the generation
+        rows (each independently) carry their unconditional prompt."""
         u = rng.integers(0, len(self.und_ids), size)
         g = rng.integers(0, len(self.gen_ids), size)
         ids = self.und_ids[u]
+        gen_ids = self.gen_ids[g]
+        if cfg_dropout > 0:  # no draw at 0: the batches of runs without dropout stay as they were
+            drop = rng.random(size) < cfg_dropout  # [B]
+            gen_ids = np.where(drop[:, None], self.gen_uncond_ids[g], gen_ids)
         return {
             "und": {
                 "prompt_ids": ids,
@@ -81,7 +98,7 @@ class SFTData:
                 "response_mask": self.und_answer_mask[u],
             },
             "gen": {
-                "prompt_ids": self.gen_ids[g],
+                "prompt_ids": gen_ids,
                 "prompt_mask": self.gen_mask[g],
                 "response_ids": self.gen_codes[g],
                 "response_mask": np.ones(self.gen_codes[g].shape, bool),
@@ -106,11 +123,12 @@ def build_sft_data(
     answers, answer_mask = right_pad([processor.answer_ids(a) for _, _, a in und_items],
                                      processor.pad_id)
     pixels = np.stack([processor.preprocess_image(im) for im, _, _ in und_items])
-    gen_ids, gen_mask = pad_left([processor.generation_ids(p) for p, _ in gen_items],
-                                 processor.pad_id)
+    prompts = [processor.generation_ids(p) for p, _ in gen_items]
+    gen_ids, gen_mask = pad_left(prompts, processor.pad_id)
+    uncond_ids, _ = pad_left([processor.unconditional_ids(x) for x in prompts], processor.pad_id)
     codes = np.stack([np.asarray(c, np.int32).reshape(-1) for _, c in gen_items])
     return SFTData(und_ids, und_mask, pixels, answers, answer_mask, gen_ids, gen_mask, codes,
-                   processor.image_placeholder_id)
+                   uncond_ids, processor.image_placeholder_id)
 
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -202,7 +220,8 @@ def train_sft(
             run_eval(0)
         t0 = time.perf_counter()
         for step in range(start, cfg.steps):
-            batch = data.batch(np.random.default_rng([cfg.seed, step]), cfg.batch_size)
+            batch = data.batch(np.random.default_rng([cfg.seed, step]), cfg.batch_size,
+                               cfg.cfg_dropout)
             state, metrics = step_fn(state, batch)
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
