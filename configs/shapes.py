@@ -36,6 +36,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     )
     # The tiny VQ (Janus's VQ-16 architecture, 3 levels), fitted on the world's images.
     c.vq = dict(
+        codebook_size=256,  # Janus: 16384; 256 reconstructs this world as well as 1024 (README)
         steps=120 if smoke else 2000,
         batch_size=16,
         learning_rate=5e-3,
@@ -65,6 +66,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         batch_size=16,
         learning_rate=1e-3,
         warmup_steps=10 if smoke else 30,
+        cfg_dropout=0.1,  # share of generation examples trained unconditionally (for CFG)
         combiner=dict(mode="sum", normalization="none", groups=()),
         log_every=20 if smoke else 50,
         checkpoint_every=500,

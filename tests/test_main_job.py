@@ -31,7 +31,10 @@ def test_stages_run_in_order_and_a_rerun_resumes():
     assert results["pairs"]["by_pair_type"]["aligned"] == 12
     for stage in ("sft", "rl"):
         with open(os.path.join(workdir, stage, "model", "config.json")) as f:
-            assert json.load(f)["model_type"] == "janus"
+            exported = json.load(f)
+        assert exported["model_type"] == "janus"
+        # The policy's image vocabulary is the VQ's codebook, sized by the config.
+        assert exported["vq_config"]["num_embeddings"] == micro_config().vq.codebook_size
     records = read_jsonl(os.path.join(workdir, "rl", "metrics.jsonl"))
     train = [r for r in records if "train/loss" in r]
     assert [r["step"] for r in train] == [1, 2]

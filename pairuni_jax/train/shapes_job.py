@@ -32,7 +32,7 @@ from pairuni_jax.data import pipeline as pipeline_lib
 from pairuni_jax.data.shapes import write_world
 from pairuni_jax.data.shapes_render import WorldConfig
 from pairuni_jax.models import janus
-from pairuni_jax.models.configs import JanusConfig, LlamaConfig, SigLIPConfig
+from pairuni_jax.models.configs import JanusConfig, LlamaConfig, SigLIPConfig, VQConfig
 from pairuni_jax.processing import JanusProcessor
 from pairuni_jax.rl.rewards import build_generation_reward
 from pairuni_jax.train import rl as rl_lib
@@ -58,10 +58,16 @@ def vq_train_config(config: ml_collections.ConfigDict) -> vq_lib.VQTrainConfig:
     return vq_lib.VQTrainConfig(seed=config.seed, **{k: v[k] for k in fields if k in v})
 
 
+def vq_model_config(config: ml_collections.ConfigDict) -> VQConfig:
+    """The world's VQ architecture at the world's image size and `vq.codebook_size`."""
+    return vq_lib.shapes_vq_config(world_config(config).image_size,
+                                   config.vq.get("codebook_size", 1024))
+
+
 def policy_config(config: ml_collections.ConfigDict, vocab_size: int) -> JanusConfig:
     """The tiny Janus-architecture policy: its VQ is the world's, its vision grid matches it."""
     p, world = config.policy, world_config(config)
-    vq = vq_lib.shapes_vq_config(world.image_size)
+    vq = vq_model_config(config)
     text = LlamaConfig(
         vocab_size=vocab_size, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,
         num_layers=p.num_layers, num_heads=p.num_heads, num_kv_heads=p.num_kv_heads,
@@ -100,7 +106,7 @@ class ShapesJob:
         self.world_dir = os.path.join(self.workdir, "world")
         side = world_config(config).image_size  # a bad crop is refused before any stage runs
         vq_lib.check_crop_size(vq_train_config(config).crop_size, side,
-                               vq_lib.shapes_vq_config(side).downsample, "vq.crop_size")
+                               vq_model_config(config).downsample, "vq.crop_size")
 
     def stages(self) -> list[Stage]:
         """The stages in order, each with the config sections its result depends on."""
@@ -136,6 +142,7 @@ class ShapesJob:
 
     def _fit_vq(self, stage_dir: str):
         return vq_lib.fit_vq(stage_dir, world=world_config(self.config),
+                             vq=vq_model_config(self.config),
                              train=vq_train_config(self.config), log=self.log)
 
     def vq(self, stage_dir: str) -> dict[str, Any]:
@@ -149,7 +156,7 @@ class ShapesJob:
 
     def processor(self, model_dir: str | None = None) -> JanusProcessor:
         world = world_config(self.config)
-        grid = vq_lib.shapes_vq_config(world.image_size).grid
+        grid = vq_model_config(self.config).grid
         proc = JanusProcessor.from_pretrained(
             model_dir or os.path.join(self.world_dir, "tokenizer"),
             image_size=world.image_size, num_image_tokens=grid * grid)
@@ -182,8 +189,9 @@ class ShapesJob:
         s = self.config.sft
         cfg = sft_lib.SFTConfig(
             steps=s.steps, batch_size=s.batch_size, learning_rate=s.learning_rate,
-            warmup_steps=s.warmup_steps, combiner=rl_lib.combiner_from(s.combiner),
-            seed=self.config.seed, log_every=s.log_every, checkpoint_every=s.checkpoint_every)
+            warmup_steps=s.warmup_steps, cfg_dropout=s.get("cfg_dropout", 0.0),
+            combiner=rl_lib.combiner_from(s.combiner), seed=self.config.seed,
+            log_every=s.log_every, checkpoint_every=s.checkpoint_every)
         self.log(f"sft: {len(data.und_ids)} understanding and {len(data.gen_ids)} generation "
                  f"examples; policy {param_count(params) / 1e6:.2f}M params")
         params, metrics = sft_lib.train_sft(

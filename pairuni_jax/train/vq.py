@@ -40,13 +40,13 @@ from pairuni_jax.models.vq import VQModel, init_params, l2_normalize, nearest_co
 from pairuni_jax.train.checkpoint import Checkpointer
 
 
-def shapes_vq_config(image_size: int = 32) -> VQConfig:
+def shapes_vq_config(image_size: int = 32, codebook_size: int = 1024) -> VQConfig:
     """The embedded world's VQ: 3 levels (4x down), so 32 px -> an 8 x 8 grid of 64 tokens.
 
     16 channels at the two finer levels, 32 at the coarsest: the full-resolution convolutions
     dominate the fit's cost, and flat-colour scenes need no more to pass the checker.
     """
-    return VQConfig(image_size=image_size, codebook_size=1024, codebook_dim=8, ch=16,
+    return VQConfig(image_size=image_size, codebook_size=codebook_size, codebook_dim=8, ch=16,
                     ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=32, num_groups=8)
 
 
