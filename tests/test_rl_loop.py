@@ -1,6 +1,7 @@
 """The Pair-GRPO loop end to end on a tiny world: exact resume, SIGTERM, non-finite updates,
 one-task runs and a sharded mesh. Every run shares the loop's compiled programs (one process)."""
 
+import dataclasses
 import os
 import signal
 
@@ -181,3 +182,28 @@ def test_sharded_mesh_run_matches_one_device(tiny, uninterrupted, tmp_path, monk
     moved = norm(jax.tree.map(lambda a, b: a - b, ref.trainable, start.trainable))
     diff = norm(jax.tree.map(lambda a, b: a - b, state.trainable, ref.trainable))
     assert moved > 0 and diff < 1e-2 * moved, (diff, moved)
+
+
+def test_full_fine_tuning_with_beta_keeps_its_start_as_the_kl_reference(
+    tiny, uninterrupted, tmp_path
+):
+    update = rl_tiny.rl_config().update
+    with_kl = dataclasses.replace(update, grpo=dataclasses.replace(update.grpo, beta=0.5))
+    train(tiny, tmp_path, update=with_kl)
+    metrics, without = step_metrics(tmp_path), step_metrics(uninterrupted["dir"])
+    # Step 1 samples from the reference itself: KL 0, and the KL term adds no gradient.
+    for task in ("und", "gen"):
+        assert metrics[1][f"train/{task}/ref_kl"] == pytest.approx(0.0, abs=1e-6)
+        assert metrics[4][f"train/{task}/ref_kl"] > 1e-4  # the policy moved away from it
+    assert metrics[1]["train/grad_norm"] == pytest.approx(without[1]["train/grad_norm"], rel=1e-4)
+    assert metrics[3]["train/grad_norm"] != pytest.approx(without[3]["train/grad_norm"], rel=1e-3)
+    # On a mesh the reference is a sharded copy: the same KL to it. (Only the images' KL: the
+    # sampled answers of step 2 differ by rounding flips, and their rewards are all 0 here, so
+    # nothing else would notice.)
+    sharded = tmp_path / "sharded"
+    mesh = sharding.make_mesh(1, 2, 2, devices=jax.devices()[:4])
+    train(tiny, sharded, update=with_kl, mesh=mesh, steps=2)
+    got = step_metrics(sharded)
+    assert got[1]["train/und/ref_kl"] == pytest.approx(0.0, abs=1e-6)
+    np.testing.assert_allclose(got[2]["train/gen/ref_kl"], metrics[2]["train/gen/ref_kl"],
+                               rtol=1e-3)

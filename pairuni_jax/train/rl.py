@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
@@ -255,6 +256,7 @@ class PairGRPO:
         self.mesh, self.rules = mesh, tuple(rules)
         self.tx = make_optimizer(cfg)
         self.update = None  # set by init_state, which knows the state's shardings
+        self.ref_params = None  # the KL reference of full fine-tuning, set by init_state
         self.old_log_probs = _log_probs_fn(model_config, cfg.update)
         self.sampling = rollout.Sampling(temperature=cfg.temperature)
 
@@ -269,11 +271,20 @@ class PairGRPO:
             return rl_step.init_state(p, self.tx, lora=self.cfg.update.lora,
                                       rng=jax.random.key(self.cfg.seed), trainable_mask=mask)
 
+        # beta > 0 needs reference log-probs. With LoRA the frozen base is the reference; full
+        # fine-tuning keeps a copy of the starting params (one more copy of the weights).
+        keep_reference = self.cfg.update.grpo.beta > 0 and self.cfg.update.lora is None
         key = None
         if self.mesh is None:
+            if keep_reference:
+                self.ref_params = sharding.on_first_device(jax.tree.map(jnp.copy, params))
             state = sharding.on_first_device(make(params))
         else:
             params = sharding.shard_params(params, self.rules, self.mesh)
+            if keep_reference:
+                self.ref_params = jax.jit(
+                    lambda t: jax.tree.map(jnp.copy, t),
+                    out_shardings=jax.tree.map(lambda x: x.sharding, params))(params)
             shardings = sharding.state_shardings(jax.eval_shape(make, params), self.rules,
                                                  self.mesh, roots=params.keys())
             state = jax.jit(make, out_shardings=shardings, donate_argnums=0)(params)
@@ -367,6 +378,10 @@ class PairGRPO:
                 old = self.old_log_probs(params, batch=rb)
                 for task in rb:
                     rb[task]["old_logp"] = old[task]
+            if self.ref_params is not None:
+                ref = self.old_log_probs(self.ref_params, batch=rb)
+                for task in rb:
+                    rb[task]["ref_logp"] = ref[task]
             del params
             for _ in range(self.cfg.mu):
                 state, metrics = self.update(state, rb)
