@@ -170,6 +170,35 @@ def test_other_prompt_accuracy_tells_prompt_following_from_one_drawing(monkeypat
     assert metrics["gen/acc_other_prompt"] == metrics["gen/acc_overall"]
 
 
+def test_heldout_understanding_is_split_into_questions_about_and_beside_held_out_pairs(
+        monkeypatch):
+    """asks_heldout / shows_heldout: accuracy on the held-out questions about a held-out
+    combination and on the rest, whose image alone shows one."""
+    workdir, _ = micro_run()
+    config = micro_config()
+    config.eval.num_understanding = config.world.heldout_size  # every held-out question
+    job = ShapesJob(config, workdir)
+    model_dir = os.path.join(workdir, "sft", "model")
+    model_config, params = load_janus(model_dir)
+    evaluator = job.evaluator(job.processor(model_dir), model_config)
+    heldout, test = evaluator.splits
+    flags = heldout.asks_heldout
+    assert any(flags) and not all(flags) and not any(test.asks_heldout)
+    # An answerer right exactly on the questions about a held-out combination.
+    def answers_of(params, items, num_samples=1, sampling=None):
+        return [[gold if about else ""] * num_samples
+                for gold, about in zip(items.answers, items.asks_heldout, strict=True)]
+
+    monkeypatch.setattr(evaluator, "answers_of", answers_of)
+    monkeypatch.setattr(evaluator, "images_of",
+                        lambda p, it: np.zeros((len(it.prompts), 32, 32, 3), np.uint8))
+    metrics, _ = evaluator.split_metrics(params, heldout)
+    assert metrics["und/acc_asks_heldout"] == 1.0 and metrics["und/acc_shows_heldout"] == 0.0
+    assert metrics["und/acc_overall"] == pytest.approx(np.mean(flags))
+    metrics, _ = evaluator.split_metrics(params, test)  # no question of it is about one
+    assert not any("heldout" in k for k in metrics)
+
+
 @pytest.mark.long
 @pytest.mark.xfail(strict=True, reason=(
     "since the checker gives clutter nothing, 40 smoke RL steps do not raise the generation "

@@ -375,6 +375,17 @@ def test_write_world_outputs_valid_deterministic_files(tmp_path):
     assert score_image(pixels, rec["generate_ann"]["prompt"]) == (1.0, True)
     world = json.loads((tmp_path / "a" / "world.json").read_text())
     assert world["seed"] == 7 and world["config"]["image_size"] == 32
+    # world.json lists the held-out questions that name a held-out combination; no other split
+    # has any, and a question naming a held-out colour-shape pair is among them.
+    assert set(world["asks_heldout"]) == {"heldout"}
+    named = set(world["asks_heldout"]["heldout"])
+    held_names = [" ".join(pair) for pair in HeldOut().color_shapes]  # e.g. "red triangle"
+    with open(files["heldout_understanding"]) as f:
+        questions = [r["question"].split("\n")[0] for r in map(json.loads, f)]
+    assert 0 < len(named) < len(questions)
+    for i, question in enumerate(questions):
+        if any(name in question for name in held_names):
+            assert i in named, question
 
 
 # ------------------------------------------------------------------------------------ eval

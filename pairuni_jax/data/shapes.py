@@ -9,14 +9,19 @@ writes images and JSONL files in the shared formats (paths relative to --out):
     {split}_generation.jsonl      {"image_path", "prompt", "tag"}
     {split}_aligned_pairs.jsonl   PairUG records, pair_type "aligned" (prompt, question: one scene)
     {split}_scenes.jsonl          {"image_path", "objects": [...]}: ground truth for debugging
-    world.json                    the config, held-out combinations, seed and file list
+    world.json                    the config, held-out combinations, seed and file list, and
+                                  `asks_heldout`: per split, the understanding items whose
+                                  question is about a held-out combination (line indices)
     tokenizer/                    the world's word-level tokenizer (see shapes_tokenizer.py)
 with split in {train, heldout, test}. Understanding and generation sets use disjoint scenes, so
 the pairing command can build retrieved pairs between them.
 
 Held-out split (compositional generalisation): a set of colour-shape pairs, relation triples and
 counted shapes is held back. No training image shows a held-out colour-shape pair and no training
-text names a held-out combination; every held-out item shows or names at least one.
+text names a held-out combination; every held-out item shows or names at least one. A question
+about one (naming it, or asking for the half it does not name) asks the policy to bind what it
+never saw together; one whose image alone shows one, to read a new scene (world.json's
+`asks_heldout` tells them apart).
 
 Test split (in-distribution): new scenes drawn by the training rule (no held-out combination),
 from their own random streams; it measures what training teaches on the distribution it saw.
@@ -294,6 +299,7 @@ def write_world(
     sizes = {"train": (train_size, train_pairs), "heldout": (heldout_size, heldout_pairs),
              "test": (test_size, 0)}
     files: dict[str, str] = {}
+    asks_heldout: dict[str, list[int]] = {}
     for split in SPLITS:
         os.makedirs(os.path.join(out_dir, "images", split), exist_ok=True)
         n_items, n_pairs = sizes[split]
@@ -304,6 +310,8 @@ def write_world(
             _save_image(out_dir, path, item, cfg)
             q = item.question
             und.append({"image_path": path, "question": q.text, "answer": q.answer, "tag": q.tag})
+            if q.keys & heldout.keys():
+                asks_heldout.setdefault(split, []).append(i)
             scenes.append({"image_path": path, "objects": [o.to_json() for o in item.scene]})
         for i in range(n_items):
             item = generation_item(seed, i, split, cfg, heldout)
@@ -338,7 +346,8 @@ def write_world(
         json.dump({"seed": seed, "config": dataclasses.asdict(cfg),
                    "heldout": dataclasses.asdict(heldout),
                    "sizes": {s: {"items": n, "aligned_pairs": p} for s, (n, p) in sizes.items()},
-                   "files": {k: os.path.relpath(v, out_dir) for k, v in files.items()}},
+                   "files": {k: os.path.relpath(v, out_dir) for k, v in files.items()},
+                   "asks_heldout": asks_heldout},
                   f, indent=1)
     return files
 

@@ -220,8 +220,10 @@ def position_question(scene: Scene, rng: np.random.Generator, colors=COLORS,
     a, b = pairs[rng.integers(len(pairs))]
     rel = clear_relation(a, b)
     stem = f"Where is the {a.color} {a.shape} relative to the {b.color} {b.shape}?"
+    keys = {relation_key(a.shape, rel, b.shape), color_shape_key(a.color, a.shape),
+            color_shape_key(b.color, b.shape)}  # the relation, and the two objects it names
     return _mc(rng, "position", stem, list(POSITION_OPTIONS.values()), POSITION_OPTIONS[rel],
-               {relation_key(a.shape, rel, b.shape)}, shuffle)
+               keys, shuffle)
 
 
 def existence_question(scene: Scene, rng: np.random.Generator, colors=COLORS,

@@ -59,12 +59,38 @@ class _SplitItems:
     suffix: str  # appended to the task in metric keys: "" (heldout) or "_test"
     answers: list[str]
     tags: list[str]
+    asks_heldout: list[bool] | None  # per question: about a held-out combination (None: unknown)
     und_pixels: np.ndarray  # [Nu, S, S, 3]
     und_ids: np.ndarray  # [Nu, Lu] left-padded
     und_mask: np.ndarray  # [Nu, Lu]
     prompts: list[str]
     gen_ids: np.ndarray  # [Ng, Lg] left-padded
     gen_mask: np.ndarray  # [Ng, Lg]
+
+
+def _by_asking(greedy: Sequence[str], items: _SplitItems) -> dict[str, float]:
+    """Greedy accuracy on the questions about a held-out combination ("asks_heldout") and on
+    those whose image alone shows one ("shows_heldout"), when the split has both."""
+    flags = items.asks_heldout
+    if flags is None or all(flags) or not any(flags):
+        return {}
+    hits = [extract_choice(a) == gold for a, gold in zip(greedy, items.answers, strict=True)]
+    return {name: float(np.mean([h for h, f in zip(hits, flags, strict=True) if f == want]))
+            for name, want in (("asks_heldout", True), ("shows_heldout", False))}
+
+
+def _asks_heldout(world_dir: str, split: str, n: int) -> list[bool] | None:
+    """Per understanding item of a split: is its question about a held-out combination (from
+    world.json; None for a world written without that list)."""
+    path = os.path.join(world_dir, "world.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        lists = json.load(f).get("asks_heldout")
+    if lists is None:
+        return None
+    about = set(lists.get(split, ()))
+    return [i in about for i in range(n)]
 
 
 def _task_suffix(split: str) -> str:
@@ -109,8 +135,8 @@ class ShapesEvaluator:
         pixels = np.stack([p.preprocess_image(Image.open(os.path.join(world_dir, r["image_path"])))
                            for r in und])
         return _SplitItems(_task_suffix(split), [r["answer"] for r in und],
-                           [r["tag"] for r in und], pixels, und_ids, und_mask, prompts, gen_ids,
-                           gen_mask)
+                           [r["tag"] for r in und], _asks_heldout(world_dir, split, len(und)),
+                           pixels, und_ids, und_mask, prompts, gen_ids, gen_mask)
 
     def answers_of(self, params, items: _SplitItems, num_samples: int = 1,
                    sampling: rollout.Sampling = rollout.GREEDY) -> list[list[str]]:
@@ -144,6 +170,7 @@ class ShapesEvaluator:
         """(metrics of one split, its generated images)."""
         greedy = [a[0] for a in self.answers_of(params, items)]
         und = mc_accuracy([extract_choice(a) for a in greedy], items.answers, items.tags)
+        und.update(_by_asking(greedy, items))
         if self.und_samples:
             sampled = self.answers_of(params, items, self.und_samples,
                                       rollout.Sampling(temperature=self.temperature))
@@ -194,7 +221,8 @@ class ShapesEvaluator:
             with open(source, "rb") as f:
                 chunks.append(f.read())
         for it in self.splits:
-            chunks.append(repr((it.suffix, it.answers, it.tags, it.prompts)).encode())
+            chunks.append(repr((it.suffix, it.answers, it.tags, it.asks_heldout,
+                                it.prompts)).encode())
             chunks += [a.tobytes() for a in (it.und_pixels, it.und_ids, it.und_mask, it.gen_ids,
                                              it.gen_mask)]
         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:

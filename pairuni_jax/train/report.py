@@ -109,7 +109,8 @@ def accuracy_table(points: Sequence[tuple[str, dict[str, float]]], task: str) ->
 
 
 # Not categories: listed first, drawn in black.
-SUMMARY_METRICS = ("overall", "sampled", "constraints", "other_prompt")
+SUMMARY_METRICS = ("overall", "sampled", "asks_heldout", "shows_heldout", "constraints",
+                   "other_prompt")
 
 
 def _label(key: str) -> str:
@@ -243,7 +244,9 @@ def write_report(workdir: str, stage_names: Sequence[str] = ("world", "vq", "sft
                   "never saw. Test (in-distribution): new scenes from the training distribution. "
                   "Understanding: greedy multiple-choice accuracy by question tag (`overall`: over "
                   "all questions; `sampled`: expected accuracy of one answer sampled at the RL "
-                  "temperature). Generation: strict GenEval-style accuracy by prompt category "
+                  "temperature; held-out `asks_heldout` / `shows_heldout`: the questions that "
+                  "name a held-out combination / whose image alone shows one). Generation: strict "
+                  "GenEval-style accuracy by prompt category "
                   "(`overall`: mean over categories; `constraints`: mean fraction of a prompt's "
                   "constraints met; `other_prompt`: `overall` of the same images scored against "
                   "another prompt, near `overall` when the images ignore their prompts). Columns: "
