@@ -36,7 +36,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     )
     # The tiny VQ (Janus's VQ-16 architecture, 3 levels), fitted on the world's images.
     c.vq = dict(
-        codebook_size=256,  # Janus: 16384; 256 reconstructs this world as well as 1024 (README)
+        codebook_size=1024,  # image tokens (Janus: 16384); 256 vs 1024: README, `vq.codebook_size`
         steps=120 if smoke else 2000,
         batch_size=16,
         learning_rate=5e-3,
