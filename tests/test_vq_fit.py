@@ -140,6 +140,14 @@ def test_fit_resumes_exactly(tmp_path):
     assert logs[0] == "vq: resumed at step 4"
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # A finished fit is loaded, not trained on by a call with other settings.
+    more = dataclasses.replace(TRAIN, steps=TRAIN.steps + 5)
+    with pytest.raises(ValueError, match=f"train.steps: {TRAIN.steps} -> {TRAIN.steps + 5}"):
+        fit_vq(str(tmp_path / "b"), vq=TINY, train=more, log=lambda m: None)
+    _, again = fit_vq(str(tmp_path / "b"), vq=TINY,
+                      train=dataclasses.replace(TRAIN, log_every=1), log=lambda m: None)
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(again), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # logging period: no matter
     images = training_images(3)
     out = reconstruct(straight_model, straight, images)
     assert out.shape == images.shape and out.dtype == np.uint8

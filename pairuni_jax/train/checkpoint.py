@@ -63,6 +63,15 @@ class Checkpointer:
         )
         return restored["state"], dict(restored["meta"] or {})
 
+    def meta(self, step: int | None = None) -> dict:
+        """The JSON meta of checkpoint `step` (default: latest), without reading its state."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored["meta"] or {})
+
     def wait(self) -> None:
         """Block until every pending asynchronous save is on disk."""
         self._manager.wait_until_finished()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import os
 import time
 
@@ -250,7 +251,9 @@ def fit_vq(workdir: str, *, world: WorldConfig = DEFAULT_WORLD, vq: VQConfig | N
     """Fit (or resume, or just load if finished) the VQ under `workdir`; returns (model, params).
 
     `stop_after` ends the run early at that step, with a checkpoint (a time-boxed or interrupted
-    run); calling again resumes exactly where it stopped.
+    run); calling again resumes exactly where it stopped. Calling it on a fit made with other
+    settings (say the default 3000 steps on a finished 2000-step fit) is refused rather than
+    training that fit on.
     """
     vq = vq or shapes_vq_config(world.image_size)
     if vq.image_size != world.image_size:
@@ -262,8 +265,10 @@ def fit_vq(workdir: str, *, world: WorldConfig = DEFAULT_WORLD, vq: VQConfig | N
     optimizer, step_fn = _cached_step(model, train)
     state = {"params": params, "opt_state": optimizer.init(params),
              "last_used": jnp.zeros(vq.codebook_size, jnp.int32), "step": jnp.int32(0)}
+    settings = fit_settings(vq, train)
     with Checkpointer(os.path.join(workdir, "checkpoints"), keep=2) as ckpt:
         if ckpt.latest_step() is not None:
+            check_settings(workdir, ckpt.meta().get("settings"), settings)
             state, _ = ckpt.restore(state)
             log(f"vq: resumed at step {int(state['step'])}")
         t0, start = time.perf_counter(), int(state["step"])
@@ -287,8 +292,30 @@ def fit_vq(workdir: str, *, world: WorldConfig = DEFAULT_WORLD, vq: VQConfig | N
                     f"{m['codebook']:.4f} commit {m['commit']:.4f} codes used "
                     f"{int(m['codes_used'])} restarted {int(m['restarted'])} ({rate:.1f} steps/s)")
             if (step + 1) % train.checkpoint_every == 0 or step + 1 == end:
-                ckpt.save(step + 1, state)
+                ckpt.save(step + 1, state, {"settings": settings})
     return model, state["params"]
+
+
+def fit_settings(vq: VQConfig, train: VQTrainConfig) -> dict:
+    """What a fit's result depends on (JSON): the architecture and the training settings but
+    their logging and checkpoint periods."""
+    periods = ("log_every", "checkpoint_every")
+    return json.loads(json.dumps({
+        "vq": dataclasses.asdict(vq),
+        "train": {k: v for k, v in dataclasses.asdict(train).items() if k not in periods}}))
+
+
+def check_settings(workdir: str, before: dict | None, now: dict) -> None:
+    """Raise if the fit in `workdir` was made with other settings (fits saved before settings
+    were recorded are not checked)."""
+    if before is None or before == now:
+        return
+    diff = [f"{part}.{k}: {before[part].get(k)!r} -> {now[part].get(k)!r}"
+            for part in now for k in sorted(set(before.get(part, {})) | set(now[part]))
+            if before.get(part, {}).get(k) != now[part].get(k)]
+    raise ValueError(f"{workdir}: the VQ there was fitted with other settings ({'; '.join(diff)})"
+                     "; pass the settings it was fitted with to resume or load it, or use "
+                     "another workdir")
 
 
 def _start_quantizing(model: VQModel, state: dict, images: np.ndarray, train: VQTrainConfig,
@@ -310,6 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=VQTrainConfig.steps)
     parser.add_argument("--batch_size", type=int, default=VQTrainConfig.batch_size)
     parser.add_argument("--image_size", type=int, default=DEFAULT_WORLD.image_size)
+    parser.add_argument("--codebook_size", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--learning_rate", type=float, default=VQTrainConfig.learning_rate)
     parser.add_argument("--crop_size", type=int, default=VQTrainConfig.crop_size,
@@ -320,7 +348,8 @@ def main(argv: list[str] | None = None) -> None:
                           learning_rate=args.learning_rate, crop_size=args.crop_size,
                           log_every=50)
     t0 = time.perf_counter()
-    model, params = fit_vq(args.workdir, world=world, train=train)
+    model, params = fit_vq(args.workdir, world=world, train=train,
+                           vq=shapes_vq_config(args.image_size, args.codebook_size))
     print(f"fit in {time.perf_counter() - t0:.0f} s")
     for split in ("train", "heldout"):
         acc = checker_accuracy(model, params, world, split=split)
