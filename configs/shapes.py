@@ -66,7 +66,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         batch_size=16,
         learning_rate=1e-3,
         warmup_steps=10 if smoke else 30,
-        cfg_dropout=0.1,  # share of generation examples trained unconditionally (for CFG)
+        cfg_dropout=0.0,  # share of generation examples trained unconditionally (README)
         combiner=dict(mode="sum", normalization="none", groups=()),
         log_every=20 if smoke else 50,
         checkpoint_every=500,
