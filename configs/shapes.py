@@ -3,9 +3,10 @@
     python -m pairuni_jax.main --config=configs/shapes.py --workdir=runs/shapes
 
 Presets: `configs/shapes.py` (default; measured on idle 2-core CPU VMs: 12.5-14 min in all on the
-slower hosts, of which VQ fit 3.2-4.3, SFT 4.4-5.2, Pair-GRPO 4.1-4.6; 4.3 min on a fast host with
-the compile cache warm: VQ 1.3, SFT 1.6, Pair-GRPO 1.2), `configs/shapes.py:smoke` (2.0-2.5 min,
-mostly compilation; 1.0-1.5 min when the programs are in `compile_cache` from an earlier run).
+slower hosts, of which VQ fit 3.2-4.3, SFT 4.4-5.2, Pair-GRPO 4.1-4.6; 4.1-5.8 min on faster hosts
+with the compile cache warm: VQ 1.3-1.9, SFT 1.6-2.4, Pair-GRPO 1.2-1.5),
+`configs/shapes.py:smoke` (2.0-2.5 min, mostly compilation; 1.0-1.5 min when the programs are in
+`compile_cache` from an earlier run).
 Every field can be overridden on the command line, e.g.
 `--config.sft.combiner.mode=pareto --config.seed=1`.
 """
