@@ -45,6 +45,15 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+def settings_diff(before: Any, now: Any) -> list[str]:
+    """"field: old -> new" for every field (dotted path) in which two JSON-able settings trees
+    differ, bookkeeping fields left out; empty when they agree."""
+    old = _flatten(_without_bookkeeping(json.loads(json.dumps(before))))  # tuples -> lists
+    new = _flatten(_without_bookkeeping(json.loads(json.dumps(now))))
+    return [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
 def check_inputs(workdir: str, stage: Stage) -> None:
     """Record the stage's inputs, or raise if the recorded ones differ."""
     if stage.inputs is None:
@@ -53,11 +62,8 @@ def check_inputs(workdir: str, stage: Stage) -> None:
     now = _without_bookkeeping(json.loads(json.dumps(stage.inputs)))  # tuples -> lists
     if os.path.exists(path):
         with open(path) as f:
-            before = _without_bookkeeping(json.load(f))
-        if before != now:
-            old, new = _flatten(before), _flatten(now)
-            diff = [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
-                    for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            diff = settings_diff(json.load(f), now)
+        if diff:
             raise StageInputsChanged(
                 f"{path}: stage {stage.name!r} was run with other settings ("
                 + "; ".join(diff) + "). Use a new --workdir, or delete "

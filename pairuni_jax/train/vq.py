@@ -39,6 +39,7 @@ from pairuni_jax.data.shapes_render import DEFAULT_WORLD, WorldConfig, render
 from pairuni_jax.models.configs import VQConfig
 from pairuni_jax.models.vq import VQModel, init_params, l2_normalize, nearest_code
 from pairuni_jax.train.checkpoint import Checkpointer
+from pairuni_jax.train.stages import settings_diff
 
 
 def shapes_vq_config(image_size: int = 32, codebook_size: int = 1024) -> VQConfig:
@@ -297,25 +298,20 @@ def fit_vq(workdir: str, *, world: WorldConfig = DEFAULT_WORLD, vq: VQConfig | N
 
 
 def fit_settings(vq: VQConfig, train: VQTrainConfig) -> dict:
-    """What a fit's result depends on (JSON): the architecture and the training settings but
-    their logging and checkpoint periods."""
-    periods = ("log_every", "checkpoint_every")
-    return json.loads(json.dumps({
-        "vq": dataclasses.asdict(vq),
-        "train": {k: v for k, v in dataclasses.asdict(train).items() if k not in periods}}))
+    """What a fit's result depends on (JSON): the architecture and the training settings (their
+    logging and checkpoint periods are bookkeeping: `check_settings` ignores them)."""
+    return json.loads(json.dumps({"vq": dataclasses.asdict(vq),
+                                  "train": dataclasses.asdict(train)}))
 
 
 def check_settings(workdir: str, before: dict | None, now: dict) -> None:
     """Raise if the fit in `workdir` was made with other settings (fits saved before settings
     were recorded are not checked)."""
-    if before is None or before == now:
-        return
-    diff = [f"{part}.{k}: {before[part].get(k)!r} -> {now[part].get(k)!r}"
-            for part in now for k in sorted(set(before.get(part, {})) | set(now[part]))
-            if before.get(part, {}).get(k) != now[part].get(k)]
-    raise ValueError(f"{workdir}: the VQ there was fitted with other settings ({'; '.join(diff)})"
-                     "; pass the settings it was fitted with to resume or load it, or use "
-                     "another workdir")
+    diff = [] if before is None else settings_diff(before, now)
+    if diff:
+        raise ValueError(f"{workdir}: the VQ there was fitted with other settings "
+                         f"({'; '.join(diff)}); pass the settings it was fitted with to resume "
+                         "or load it, or use another workdir")
 
 
 def _start_quantizing(model: VQModel, state: dict, images: np.ndarray, train: VQTrainConfig,
