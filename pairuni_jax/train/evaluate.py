@@ -68,29 +68,26 @@ class _SplitItems:
     gen_mask: np.ndarray  # [Ng, Lg]
 
 
-def _by_asking(greedy: Sequence[str], items: _SplitItems) -> dict[str, float]:
-    """Greedy accuracy on the questions about a held-out combination ("asks_heldout") and on
-    those whose image alone shows one ("shows_heldout"), when the split has both."""
+def _by_asking(choices: Sequence[str | None], items: _SplitItems) -> dict[str, float]:
+    """Accuracy of the chosen letters on the questions about a held-out combination
+    ("asks_heldout") and on those whose image alone shows one ("shows_heldout"), when the split
+    has both."""
     flags = items.asks_heldout
     if flags is None or all(flags) or not any(flags):
         return {}
-    hits = [extract_choice(a) == gold for a, gold in zip(greedy, items.answers, strict=True)]
+    hits = [c == gold for c, gold in zip(choices, items.answers, strict=True)]
     return {name: float(np.mean([h for h, f in zip(hits, flags, strict=True) if f == want]))
             for name, want in (("asks_heldout", True), ("shows_heldout", False))}
 
 
-def _asks_heldout(world_dir: str, split: str, n: int) -> list[bool] | None:
-    """Per understanding item of a split: is its question about a held-out combination (from
-    world.json; None for a world written without that list)."""
+def _asks_heldout(world_dir: str) -> dict[str, list[int]] | None:
+    """world.json's `asks_heldout`: per split, the understanding items whose question is about a
+    held-out combination (None for a world written without that list)."""
     path = os.path.join(world_dir, "world.json")
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        lists = json.load(f).get("asks_heldout")
-    if lists is None:
-        return None
-    about = set(lists.get(split, ()))
-    return [i in about for i in range(n)]
+        return json.load(f).get("asks_heldout")
 
 
 def _task_suffix(split: str) -> str:
@@ -118,11 +115,13 @@ class ShapesEvaluator:
         self.max_new_tokens, self.und_samples = max_new_tokens, und_samples
         self.batch_size, self.num_images, self.key = batch_size, num_images, jax.random.key(seed)
         self.world_config = world_config
-        self.splits = [self._load(world_dir, split, num_understanding, num_generation)
+        asks = _asks_heldout(world_dir)
+        self.splits = [self._load(world_dir, split, num_understanding, num_generation, asks)
                        for split in splits]
         self.cache_dir = cache_dir
 
-    def _load(self, world_dir: str, split: str, num_und: int, num_gen: int) -> _SplitItems:
+    def _load(self, world_dir: str, split: str, num_und: int, num_gen: int,
+              asks_heldout: dict[str, list[int]] | None) -> _SplitItems:
         p = self.processor
         und = read_jsonl(os.path.join(world_dir, f"{split}_understanding.jsonl"))[:num_und]
         gen = read_jsonl(os.path.join(world_dir, f"{split}_generation.jsonl"))[:num_gen]
@@ -134,9 +133,13 @@ class ShapesEvaluator:
         gen_ids, gen_mask = rollout.pad_prompts([p.generation_ids(x) for x in prompts], p.pad_id)
         pixels = np.stack([p.preprocess_image(Image.open(os.path.join(world_dir, r["image_path"])))
                            for r in und])
+        about = None
+        if asks_heldout is not None:
+            listed = set(asks_heldout.get(split, ()))
+            about = [i in listed for i in range(len(und))]
         return _SplitItems(_task_suffix(split), [r["answer"] for r in und],
-                           [r["tag"] for r in und], _asks_heldout(world_dir, split, len(und)),
-                           pixels, und_ids, und_mask, prompts, gen_ids, gen_mask)
+                           [r["tag"] for r in und], about, pixels, und_ids, und_mask, prompts,
+                           gen_ids, gen_mask)
 
     def answers_of(self, params, items: _SplitItems, num_samples: int = 1,
                    sampling: rollout.Sampling = rollout.GREEDY) -> list[list[str]]:
@@ -168,9 +171,9 @@ class ShapesEvaluator:
 
     def split_metrics(self, params, items: _SplitItems) -> tuple[dict[str, float], np.ndarray]:
         """(metrics of one split, its generated images)."""
-        greedy = [a[0] for a in self.answers_of(params, items)]
-        und = mc_accuracy([extract_choice(a) for a in greedy], items.answers, items.tags)
-        und.update(_by_asking(greedy, items))
+        choices = [extract_choice(a[0]) for a in self.answers_of(params, items)]  # greedy
+        und = mc_accuracy(choices, items.answers, items.tags)
+        und.update(_by_asking(choices, items))
         if self.und_samples:
             sampled = self.answers_of(params, items, self.und_samples,
                                       rollout.Sampling(temperature=self.temperature))
