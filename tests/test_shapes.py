@@ -182,7 +182,9 @@ def test_checker_scores_partial_and_wrong_images():
     assert score_image(img, "a red circle and a blue square") == (1.0, True)
     assert score_image(img, "a green circle and a blue triangle") == (1 / 4, False)
     assert score_image(img, "a triangle") == (0.0, False)
-    assert score_image(img, "two circles") == (0.5, False)  # at most 2 holds, at least 2 fails
+    assert score_image(img, "two circles") == (0.5, False)  # one is present, the count is wrong
+    for prompt in ("two circles", "one circle", "a red circle", "a circle above a square"):
+        assert score_image(render(()), prompt) == (0.0, False)  # an empty canvas meets nothing
     three = red_left + (_obj("circle", "green", 0.5, 0.15, 0.25),)
     assert score_image(render(three), "one circle") == (0.5, False)
     assert score_image(render(three), "two circles") == (1.0, True)

@@ -8,11 +8,12 @@ drawn in the component's bounding box) with the highest IoU; its position is its
 
 Scoring follows GenEval: every prompt becomes a list of constraints (an object is present, has the
 asked colour, the asked count is met exactly, the relation holds); the reward is the fraction met,
-and `strict` is GenEval's 0/1 correctness (all met). An image that is no scene of the world meets
-none: one with a component that fits no shape (template IoU below MIN_FIT) or is too small to be
-an object, or with more objects than a scene holds. Without that rule, clutter of many blobs, each
-read as its nearest shape, met most "at least one X" constraints, and Pair-GRPO learned to draw
-clutter.
+and `strict` is GenEval's 0/1 correctness (all met). A counting prompt's constraints are "one is
+present" and "the count is exact" (with "at most N" an empty canvas met half of them), so an empty
+canvas meets no prompt's. An image that is no scene of the world meets none: one with a component
+that fits no shape (template IoU below MIN_FIT) or is too small to be an object, or with more
+objects than a scene holds. Without that rule, clutter of many blobs, each read as its nearest
+shape, met most "at least one X" constraints, and Pair-GRPO learned to draw clutter.
 """
 
 from __future__ import annotations
@@ -168,9 +169,9 @@ def check_constraints(spec: PromptSpec, dets: Sequence[Detection]) -> list[tuple
     for o in spec.objects:
         n_match = sum(_matches(d, o.shape, o.color) for d in dets)
         name = " ".join(w for w in (o.color, o.shape) if w)
-        if spec.category == "counting":
-            out.append((f"at least {o.count} {name}", n_match >= o.count))
-            out.append((f"at most {o.count} {name}", n_match <= o.count))
+        if spec.category == "counting":  # not "at most N": an empty canvas would meet it
+            out.append((f"a {name}", n_match >= 1))
+            out.append((f"exactly {o.count} {name}", n_match == o.count))
         else:
             out.append((f"{o.count} {o.shape}", sum(d.shape == o.shape for d in dets) >= o.count))
             if o.color:
