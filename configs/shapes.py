@@ -5,8 +5,8 @@
 Presets: `configs/shapes.py` (default; measured on idle 2-core CPU VMs: 12.5-14 min in all on the
 slower hosts, of which VQ fit 3.2-4.3, SFT 4.4-5.2, Pair-GRPO 4.1-4.6; 4.1-5.8 min on faster hosts
 with the compile cache warm: VQ 1.3-1.9, SFT 1.6-2.4, Pair-GRPO 1.2-1.5),
-`configs/shapes.py:smoke` (2.0-2.5 min, mostly compilation; 1.0-1.5 min when the programs are in
-`compile_cache` from an earlier run).
+`configs/shapes.py:smoke` (2.4 min with nothing compiled yet and another job on the cores, mostly
+compilation; about 1 min when the programs are in `compile_cache` from an earlier run).
 Every field can be overridden on the command line, e.g.
 `--config.sft.combiner.mode=pareto --config.seed=1`.
 """
@@ -76,14 +76,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.pairing = dict(features="pixels", threshold=0.6, top_n=10, clusters=0)
     # Pair-GRPO (pairuni_jax/train/rl.py, rl_step.py): the paper's recipe at the world's scale.
     c.rl = dict(
-        steps=6 if smoke else 100,
-        pairs_per_batch=4 if smoke else 8,  # P
+        steps=64 if smoke else 100,  # smoke: two passes over its 256 pairs
+        pairs_per_batch=8,  # P
         group_size=4 if smoke else 8,  # G: answers per question and images per prompt
         temperature=1.0,
         guidance=5.0,
         max_new_tokens=4,
         mu=1,
-        learning_rate=1e-4,
+        learning_rate=3e-4 if smoke else 1e-4,  # smoke: its short run still moves the policy
         warmup_steps=0,
         max_grad_norm=1.0,
         eps_low=0.2,
