@@ -61,7 +61,7 @@ def vq_train_config(config: ml_collections.ConfigDict) -> vq_lib.VQTrainConfig:
 def vq_model_config(config: ml_collections.ConfigDict) -> VQConfig:
     """The world's VQ architecture at the world's image size and `vq.codebook_size`."""
     return vq_lib.shapes_vq_config(world_config(config).image_size,
-                                   config.vq.get("codebook_size", 1024))
+                                   config.vq.get("codebook_size", vq_lib.SHAPES_CODEBOOK_SIZE))
 
 
 def policy_config(config: ml_collections.ConfigDict, vocab_size: int) -> JanusConfig:

@@ -41,8 +41,10 @@ from pairuni_jax.models.vq import VQModel, init_params, l2_normalize, nearest_co
 from pairuni_jax.train.checkpoint import Checkpointer
 from pairuni_jax.train.stages import settings_diff
 
+SHAPES_CODEBOOK_SIZE = 1024  # the embedded world's image tokens (Janus: 16384)
 
-def shapes_vq_config(image_size: int = 32, codebook_size: int = 1024) -> VQConfig:
+
+def shapes_vq_config(image_size: int = 32, codebook_size: int = SHAPES_CODEBOOK_SIZE) -> VQConfig:
     """The embedded world's VQ: 3 levels (4x down), so 32 px -> an 8 x 8 grid of 64 tokens.
 
     16 channels at the two finer levels, 32 at the coarsest: the full-resolution convolutions
@@ -333,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=VQTrainConfig.steps)
     parser.add_argument("--batch_size", type=int, default=VQTrainConfig.batch_size)
     parser.add_argument("--image_size", type=int, default=DEFAULT_WORLD.image_size)
-    parser.add_argument("--codebook_size", type=int, default=1024)
+    parser.add_argument("--codebook_size", type=int, default=SHAPES_CODEBOOK_SIZE)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--learning_rate", type=float, default=VQTrainConfig.learning_rate)
     parser.add_argument("--crop_size", type=int, default=VQTrainConfig.crop_size,
