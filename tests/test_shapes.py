@@ -192,6 +192,11 @@ def test_checker_scores_partial_and_wrong_images():
     frac, ok = score_images(np.stack([img, img]), ["a red circle", "a red square"])
     np.testing.assert_allclose(frac, [1.0, 0.5])
     np.testing.assert_array_equal(ok, [True, False])
+    dets = [detect(img), detect(render(three))]  # detected once, scored against any prompts
+    for prompts in (["a red circle", "two circles"], ["a triangle", "three circles"]):
+        frac, ok = score_images(dets, prompts)
+        want = [score_image(x, p) for x, p in zip((img, render(three)), prompts, strict=True)]
+        assert list(zip(frac.tolist(), ok.tolist(), strict=True)) == want
 
 
 def test_checker_gives_nothing_for_an_image_that_is_no_scene():

@@ -196,11 +196,11 @@ def is_scene(dets: Sequence[Detection], cfg: WorldConfig = DEFAULT_WORLD) -> boo
         d.fit >= MIN_FIT and max(d.size) >= min_side for d in dets)
 
 
-def score_image(pixels: np.ndarray, prompt: str,
-                cfg: WorldConfig = DEFAULT_WORLD) -> tuple[float, bool]:
-    """(fraction of the prompt's constraints met, GenEval strict correctness) for one image;
-    (0, False) for an image that is no scene of the world (`is_scene`)."""
-    spec, dets = parse_prompt(prompt), detect(pixels, cfg)
+def score_detections(dets: Sequence[Detection], prompt: str,
+                     cfg: WorldConfig = DEFAULT_WORLD) -> tuple[float, bool]:
+    """(fraction of the prompt's constraints met, GenEval strict correctness) of an image's
+    detections; (0, False) when they are no scene of the world (`is_scene`)."""
+    spec = parse_prompt(prompt)
     if not is_scene(dets, cfg):
         return 0.0, False
     results = check_constraints(spec, dets)
@@ -208,14 +208,24 @@ def score_image(pixels: np.ndarray, prompt: str,
     return met / len(results), met == len(results)
 
 
-def score_images(images: np.ndarray, prompts: Sequence[str],
+def score_image(pixels: np.ndarray, prompt: str,
+                cfg: WorldConfig = DEFAULT_WORLD) -> tuple[float, bool]:
+    """`score_detections` of one image (uint8 [H, W, 3])."""
+    return score_detections(detect(pixels, cfg), prompt, cfg)
+
+
+def score_images(images: np.ndarray | Sequence[Sequence[Detection]], prompts: Sequence[str],
                  cfg: WorldConfig = DEFAULT_WORLD) -> tuple[np.ndarray, np.ndarray]:
-    """Batched `score_image`: uint8 [B, H, W, 3] -> (fractions [B] float32, strict [B] bool)."""
-    images = np.asarray(images)
-    if images.ndim != 4 or len(images) != len(prompts):
-        raise ValueError(f"expected images [B, H, W, 3] with B = len(prompts) = {len(prompts)}, "
-                         f"got {images.shape}")
-    scores = [score_image(img, p, cfg) for img, p in zip(images, prompts, strict=True)]
+    """Batched scores: uint8 images [B, H, W, 3], or their detections (one list per image, to
+    score the same images against several prompt lists without detecting them again) ->
+    (fractions [B] float32, strict [B] bool)."""
+    if isinstance(images, np.ndarray):
+        if images.ndim != 4:
+            raise ValueError(f"expected images [B, H, W, 3], got {images.shape}")
+        images = [detect(img, cfg) for img in images]
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+    scores = [score_detections(d, p, cfg) for d, p in zip(images, prompts, strict=True)]
     frac = np.array([s[0] for s in scores], np.float32)
     ok = np.array([s[1] for s in scores], bool)
     return frac, ok

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pairuni_jax.data.shapes_checker import score_images
+from pairuni_jax.data.shapes_checker import Detection, score_images
 from pairuni_jax.data.shapes_render import DEFAULT_WORLD, WorldConfig
 from pairuni_jax.data.shapes_text import parse_prompt
 
@@ -20,10 +20,11 @@ def _by_category(correct: Sequence[bool], tags: Sequence[str]) -> dict[str, floa
     return {tag: float(np.mean(v)) for tag, v in sorted(groups.items())}
 
 
-def geneval_accuracy(images: np.ndarray, prompts: Sequence[str],
+def geneval_accuracy(images: np.ndarray | Sequence[Sequence[Detection]], prompts: Sequence[str],
                      cfg: WorldConfig = DEFAULT_WORLD) -> dict[str, float]:
     """Strict accuracy per prompt category, plus "overall" = the mean over categories (as GenEval
-    reports it) and "constraints" = the mean fraction of constraints met over all images."""
+    reports it) and "constraints" = the mean fraction of constraints met over all images.
+    `images`: uint8 [B, H, W, 3], or their `detect` results (`score_images`)."""
     frac, strict = score_images(images, prompts, cfg)
     result = _by_category(strict, [parse_prompt(p).category for p in prompts])
     result["overall"] = float(np.mean(list(result.values())))

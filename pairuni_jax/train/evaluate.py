@@ -181,11 +181,13 @@ class ShapesEvaluator:
                     for answers, gold in zip(sampled, items.answers, strict=True)]
             und["sampled"] = float(np.mean(hits))
         images = self.images_of(params, items)
-        gen = geneval_accuracy(images, items.prompts, self.world_config)
+        # detected once, scored against the real prompts and against others
+        detections = [shapes_checker.detect(img, self.world_config) for img in images]
+        gen = geneval_accuracy(detections, items.prompts, self.world_config)
         # Each image against the next prompt (another category): as high as `overall` when the
         # images do not depend on their prompts, e.g. a policy collapsed onto one drawing.
         other = items.prompts[1:] + items.prompts[:1]
-        gen["other_prompt"] = geneval_accuracy(images, other, self.world_config)["overall"]
+        gen["other_prompt"] = geneval_accuracy(detections, other, self.world_config)["overall"]
         metrics = {f"und{items.suffix}/acc_{k}": v for k, v in und.items()}
         metrics.update({f"gen{items.suffix}/acc_{k}": v for k, v in gen.items()})
         return metrics, images
