@@ -61,6 +61,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         vision_heads=2,
         dtype="float32",
     )
+    # Pretraining of the policy's vision encoder on the training images (pairuni_jax/train/
+    # vision_pretrain.py): each patch's colour and shape. 0 steps: no such stage (README).
+    c.vision = dict(steps=0, batch_size=64, learning_rate=1e-3, warmup_steps=20)
     # Supervised warm start on both tasks; combiner 'sum' or 'pareto' (the Pareto LoRA setting).
     c.sft = dict(
         steps=60 if smoke else 300,

@@ -35,7 +35,7 @@ from pairuni_jax.train.run import use_compilation_cache
 from pairuni_jax.train.shapes_job import ShapesJob, rl_config
 from pairuni_jax.train.stages import Stage, load_result, run_stages
 
-PREPARE_STAGES = ("world", "vq", "sft", "pairs")
+PREPARE_STAGES = ("world", "vq", "vision", "sft", "pairs")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,6 +4,8 @@ Stages (each resumable, results under <workdir>/<stage>/):
   world   render the world: train, held-out (compositional) and test (in-distribution)
           understanding/generation sets, aligned pairs, the word-level tokenizer
   vq      fit the tiny VQ (Janus's VQ-16 architecture) on the world's images
+  vision  (only with `vision.steps` > 0) pretrain the policy's vision encoder to name the colour
+          and shape under each patch of the training images (`vision_pretrain`)
   sft     a tiny Janus-architecture policy, warm-started on both tasks (sum or Pareto combiner);
           saved in transformers' format with the tokenizer, like a real checkpoint
   pairs   retrieved pairs by the pairing command's code over image features, plus aligned pairs
@@ -20,6 +22,7 @@ import os
 import shutil
 from typing import Any
 
+import flax.serialization
 import jax
 import ml_collections
 import numpy as np
@@ -33,15 +36,18 @@ from pairuni_jax.data.shapes import write_world
 from pairuni_jax.data.shapes_render import WorldConfig
 from pairuni_jax.models import janus
 from pairuni_jax.models.configs import JanusConfig, LlamaConfig, SigLIPConfig, VQConfig
-from pairuni_jax.processing import JanusProcessor
+from pairuni_jax.processing import JanusProcessor, preprocess_image
 from pairuni_jax.rl.rewards import build_generation_reward
 from pairuni_jax.train import rl as rl_lib
 from pairuni_jax.train import sft as sft_lib
+from pairuni_jax.train import vision_pretrain
 from pairuni_jax.train import vq as vq_lib
 from pairuni_jax.train.evaluate import ShapesEvaluator
 from pairuni_jax.train.metrics import read_jsonl
 from pairuni_jax.train.report import write_report
 from pairuni_jax.train.stages import Stage, run_stages
+
+VISION_PARAMS = "vision_model.msgpack"  # the pretrained encoder, in the vision stage's directory
 
 
 def world_config(config: ml_collections.ConfigDict) -> WorldConfig:
@@ -117,11 +123,20 @@ class ShapesJob:
         vq = {"seed": c["seed"], "world": {"image_size": c["world"]["image_size"]}, "vq": c["vq"]}
         sft = dict(world, vq=c["vq"], policy=c["policy"], sft=c["sft"], eval=c["eval"],
                    eval_sampling=sampling)
+        vision = []
+        if self.pretrains_vision:  # a config without the stage keeps its SFT inputs as they were
+            vision = [Stage("vision", self.vision, dict(world, policy=c["policy"],
+                                                        vision=c["vision"]))]
+            sft["vision"] = c["vision"]
         pairs = dict(world, pairing=c["pairing"])
         rl = dict(sft, pairing=c["pairing"], rl=c["rl"], reward=c["reward"])
-        return [Stage("world", self.world, world), Stage("vq", self.vq, vq),
+        return [Stage("world", self.world, world), Stage("vq", self.vq, vq), *vision,
                 Stage("sft", self.sft, sft), Stage("pairs", self.pairs, pairs),
                 Stage("rl", self.rl, rl)]
+
+    @property
+    def pretrains_vision(self) -> bool:
+        return self.config.get("vision", {}).get("steps", 0) > 0
 
     def run(self) -> dict[str, dict[str, Any]]:
         """Run (or resume) every stage, then write the report (on a rerun too)."""
@@ -154,6 +169,29 @@ class ShapesJob:
                  + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
         return {"checker_accuracy_on_reconstructions": acc}
 
+    def vision(self, stage_dir: str) -> dict[str, Any]:
+        proc = self.processor()
+        model_config = policy_config(self.config, len(proc.tokenizer))
+        v, root = model_config.vision, self.world_dir
+        scenes = read_jsonl(os.path.join(root, "train_scenes.jsonl"))
+        pixels = np.stack([preprocess_image(_load_image(root, r["image_path"]), v.image_size)
+                           for r in scenes])  # [B, S, S, 3] in [-1, 1]
+        targets = [vision_pretrain.patch_targets(r["objects"], v.image_size, v.patch_size)
+                   for r in scenes]
+        params = janus.init_params(model_config, jax.random.key(self.config.seed))
+        c = self.config.vision
+        cfg = vision_pretrain.VisionPretrainConfig(
+            steps=c.steps, batch_size=c.batch_size, learning_rate=c.learning_rate,
+            warmup_steps=c.warmup_steps, seed=self.config.seed)
+        self.log(f"vision: pretraining the encoder on {len(scenes)} training images")
+        vision_params, losses = vision_pretrain.pretrain_vision(
+            params["vision_model"], v, pixels, np.stack([t[0] for t in targets]),
+            np.stack([t[1] for t in targets]), cfg, log=self.log)
+        path = os.path.join(stage_dir, VISION_PARAMS)
+        with open(path, "wb") as f:
+            f.write(flax.serialization.msgpack_serialize(jax.device_get(vision_params)))
+        return {"params": os.path.relpath(path, self.workdir), "losses": losses}
+
     def processor(self, model_dir: str | None = None) -> JanusProcessor:
         world = world_config(self.config)
         grid = vq_model_config(self.config).grid
@@ -185,6 +223,9 @@ class ShapesJob:
         model_config = policy_config(self.config, len(proc.tokenizer))
         params = janus.init_params(model_config, jax.random.key(self.config.seed))
         params = dict(params, vqmodel=vq_params["params"])
+        if self.pretrains_vision:
+            with open(os.path.join(self.workdir, "vision", VISION_PARAMS), "rb") as f:
+                params["vision_model"] = flax.serialization.msgpack_restore(f.read())
         data = self.sft_data(proc, vq_model, vq_params)
         s = self.config.sft
         cfg = sft_lib.SFTConfig(
