@@ -25,12 +25,8 @@ SCENE = (ShapeObject("circle", "red", 0.3, 0.3, 0.3),
          ShapeObject("square", "green", 0.32, 0.75, 0.28))
 
 
-def _objects(scene):
-    return [o.to_json() for o in scene]
-
-
 def test_patch_targets_are_the_rendered_pixels_shares_per_patch():
-    colour, shape = patch_targets(_objects(SCENE), 32, 4)  # [64, 7], [64, 4]
+    colour, shape = patch_targets(SCENE, 32, 4)  # [64, 7], [64, 4]
     assert colour.shape == (64, 7) and shape.shape == (64, 4)
     np.testing.assert_allclose(colour.sum(-1), 1.0)
     np.testing.assert_allclose(shape.sum(-1), 1.0)
@@ -44,7 +40,7 @@ def test_patch_targets_are_the_rendered_pixels_shares_per_patch():
     np.testing.assert_allclose(shape[:, 3], colour[:, 1 + COLORS.index("blue")])
     np.testing.assert_allclose(shape[:, 2], colour[:, 1 + COLORS.index("green")])
     with pytest.raises(ValueError, match="not a multiple of the patch 5"):
-        patch_targets(_objects(SCENE), 32, 5)
+        patch_targets(SCENE, 32, 5)
 
 
 def test_pretraining_lowers_both_losses():
@@ -55,7 +51,7 @@ def test_pretraining_lowers_both_losses():
                     for x, y in ((0.25, 0.3), (0.7, 0.65)))
               for _ in range(32)]
     pixels = np.stack([render(s, 32) for s in scenes]).astype(np.float32) / 127.5 - 1.0
-    targets = [patch_targets(_objects(s), 32, 4) for s in scenes]
+    targets = [patch_targets(s, 32, 4) for s in scenes]
     colour, shape = np.stack([t[0] for t in targets]), np.stack([t[1] for t in targets])
     shapes = jax.eval_shape(lambda: SigLIPVisionModel(config).init(jax.random.key(0), pixels[:1]))
     params = random_params(shapes["params"], 0)

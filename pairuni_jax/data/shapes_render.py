@@ -111,17 +111,23 @@ def shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
 
 
-def render(scene: Scene, image_size: int = 32) -> np.ndarray:
-    """Rasterise a scene: uint8 [S, S, 3] on the plain background, later objects on top."""
-    img = np.empty((image_size, image_size, 3), np.uint8)
-    img[:] = BACKGROUND
+def object_map(scene: Scene, image_size: int = 32) -> np.ndarray:
+    """Which object each pixel shows: int [S, S], the index in `scene` of the last object covering
+    it (later objects on top), -1 for the background."""
+    index = np.full((image_size, image_size), -1, np.int32)
     centres = (np.arange(image_size) + 0.5) / image_size  # pixel centres in unit coordinates
-    for obj in scene:
+    for i, obj in enumerate(scene):
         half = obj.size / 2.0
         u = (centres[None, :] - obj.cx) / half  # [1, S]
         v = (centres[:, None] - obj.cy) / half  # [S, 1]
-        img[shape_mask(obj.shape, u, v)] = PALETTE[obj.color]
-    return img
+        index[shape_mask(obj.shape, u, v)] = i
+    return index
+
+
+def render(scene: Scene, image_size: int = 32) -> np.ndarray:
+    """Rasterise a scene: uint8 [S, S, 3] on the plain background, later objects on top."""
+    palette = np.array([BACKGROUND] + [PALETTE[o.color] for o in scene], np.uint8)  # [1 + n, 3]
+    return palette[object_map(scene, image_size) + 1]
 
 
 def boxes_clear(a: ShapeObject, b: ShapeObject, gap: float) -> bool:

@@ -33,7 +33,7 @@ from pairuni_jax.data import features as features_lib
 from pairuni_jax.data import pairing, pairug
 from pairuni_jax.data import pipeline as pipeline_lib
 from pairuni_jax.data.shapes import write_world
-from pairuni_jax.data.shapes_render import WorldConfig
+from pairuni_jax.data.shapes_render import ShapeObject, WorldConfig
 from pairuni_jax.models import janus
 from pairuni_jax.models.configs import JanusConfig, LlamaConfig, SigLIPConfig, VQConfig
 from pairuni_jax.processing import JanusProcessor, preprocess_image
@@ -176,8 +176,8 @@ class ShapesJob:
         scenes = read_jsonl(os.path.join(root, "train_scenes.jsonl"))
         pixels = np.stack([preprocess_image(_load_image(root, r["image_path"]), v.image_size)
                            for r in scenes])  # [B, S, S, 3] in [-1, 1]
-        targets = [vision_pretrain.patch_targets(r["objects"], v.image_size, v.patch_size)
-                   for r in scenes]
+        targets = [vision_pretrain.patch_targets(tuple(ShapeObject(**o) for o in r["objects"]),
+                                                 v.image_size, v.patch_size) for r in scenes]
         params = janus.init_params(model_config, jax.random.key(self.config.seed))
         c = self.config.vision
         cfg = vision_pretrain.VisionPretrainConfig(

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pairuni_jax.data.shapes_render import COLORS, SHAPES, shape_mask
+from pairuni_jax.data.shapes_render import COLORS, SHAPES, Scene, object_map
 from pairuni_jax.models.configs import SigLIPConfig
 from pairuni_jax.models.siglip import SigLIPVisionModel
 
@@ -37,25 +37,15 @@ class VisionPretrainConfig:
     log_every: int = 100
 
 
-def patch_targets(objects: Sequence[dict], image_size: int, patch_size: int
+def patch_targets(scene: Scene, image_size: int, patch_size: int
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Per patch (row-major, as the encoder's features), the share of its pixels of each colour
-    and of each shape, index 0 = background: ([N, 1 + len(COLORS)], [N, 1 + len(SHAPES)]).
-
-    `objects`: a scene record's objects ({"shape", "color", "cx", "cy", "size"}), painted in
-    order like `shapes_render.render` (later objects on top).
-    """
+    and of each shape, index 0 = background: ([N, 1 + len(COLORS)], [N, 1 + len(SHAPES)])."""
     if image_size % patch_size:
         raise ValueError(f"image size {image_size} is not a multiple of the patch {patch_size}")
-    colour = np.zeros((image_size, image_size), np.int32)  # [S, S] class per pixel
-    shape = np.zeros((image_size, image_size), np.int32)
-    centres = (np.arange(image_size) + 0.5) / image_size
-    for obj in objects:
-        half = obj["size"] / 2.0
-        inside = shape_mask(obj["shape"], (centres[None, :] - obj["cx"]) / half,
-                            (centres[:, None] - obj["cy"]) / half)
-        colour[inside] = COLORS.index(obj["color"]) + 1
-        shape[inside] = SHAPES.index(obj["shape"]) + 1
+    index = object_map(scene, image_size) + 1  # [S, S]: 0 = background, 1 + object index
+    colour = np.array([0] + [1 + COLORS.index(o.color) for o in scene])[index]  # [S, S]
+    shape = np.array([0] + [1 + SHAPES.index(o.shape) for o in scene])[index]
     g = image_size // patch_size
 
     def shares(classes: np.ndarray, k: int) -> np.ndarray:
