@@ -192,6 +192,9 @@ def test_checker_scores_partial_and_wrong_images():
     frac, ok = score_images(np.stack([img, img]), ["a red circle", "a red square"])
     np.testing.assert_allclose(frac, [1.0, 0.5])
     np.testing.assert_array_equal(ok, [True, False])
+    frac, ok = score_images([img, img], ["a red circle", "a red square"])  # a list of images too
+    np.testing.assert_allclose(frac, [1.0, 0.5])
+    np.testing.assert_array_equal(ok, [True, False])
     dets = [detect(img), detect(render(three))]  # detected once, scored against any prompts
     for prompts in (["a red circle", "two circles"], ["a triangle", "three circles"]):
         frac, ok = score_images(dets, prompts)

@@ -219,7 +219,8 @@ def score_images(images: np.ndarray | Sequence[Sequence[Detection]], prompts: Se
     """Batched scores: uint8 images [B, H, W, 3], or their detections (one list per image, to
     score the same images against several prompt lists without detecting them again) ->
     (fractions [B] float32, strict [B] bool)."""
-    if isinstance(images, np.ndarray):
+    if isinstance(images, np.ndarray) or (len(images) and isinstance(images[0], np.ndarray)):
+        images = np.asarray(images)  # a stack or a list of images, not of detections
         if images.ndim != 4:
             raise ValueError(f"expected images [B, H, W, 3], got {images.shape}")
         images = [detect(img, cfg) for img in images]

@@ -178,6 +178,8 @@ class ShapesJob:
                            for r in scenes])  # [B, S, S, 3] in [-1, 1]
         targets = [vision_pretrain.patch_targets(tuple(ShapeObject(**o) for o in r["objects"]),
                                                  v.image_size, v.patch_size) for r in scenes]
+        colour = np.stack([t[0] for t in targets])  # [B, N, 7]
+        shape = np.stack([t[1] for t in targets])  # [B, N, 4]
         params = janus.init_params(model_config, jax.random.key(self.config.seed))
         c = self.config.vision
         cfg = vision_pretrain.VisionPretrainConfig(
@@ -185,8 +187,7 @@ class ShapesJob:
             warmup_steps=c.warmup_steps, seed=self.config.seed)
         self.log(f"vision: pretraining the encoder on {len(scenes)} training images")
         vision_params, losses = vision_pretrain.pretrain_vision(
-            params["vision_model"], v, pixels, np.stack([t[0] for t in targets]),
-            np.stack([t[1] for t in targets]), cfg, log=self.log)
+            params["vision_model"], v, pixels, colour, shape, cfg, log=self.log)
         path = os.path.join(stage_dir, VISION_PARAMS)
         with open(path, "wb") as f:
             f.write(flax.serialization.msgpack_serialize(jax.device_get(vision_params)))
