@@ -305,6 +305,17 @@ def test_questions_are_answered_by_their_scene(shuffle):
             t: [tuple(o)] for t, o in CANONICAL_OPTIONS.items()}
 
 
+@pytest.mark.parametrize("split", ["train", "heldout", "test"])
+def test_every_answer_is_equally_often_right_in_every_split(split):
+    letters = defaultdict(Counter)
+    for i in range(120):
+        q = understanding_item(1, i, split).question
+        letters[q.tag][q.answer] += 1
+    for tag, n in zip(QUESTION_TAGS, (6, 3, 4, 4, 2), strict=True):
+        assert len(letters[tag]) == n and max(letters[tag].values()) - min(
+            letters[tag].values()) <= 1, (tag, letters[tag])
+
+
 def test_aligned_pairs_share_a_scene_that_satisfies_the_prompt():
     for i in range(24):
         item = aligned_item(0, i)

@@ -23,6 +23,10 @@ about one (naming it, or asking for the half it does not name) asks the policy t
 never saw together; one whose image alone shows one, to read a new scene (world.json's
 `asks_heldout` tells them apart).
 
+In every split each answer of a question type is right equally often (the item's index fixes
+its answer letter), so an answer prior learnt on one split scores chance, not more or less, on
+another.
+
 Test split (in-distribution): new scenes drawn by the training rule (no held-out combination),
 from their own random streams; it measures what training teaches on the distribution it saw.
 It has understanding and generation items and no aligned pairs.
@@ -51,6 +55,7 @@ from pairuni_jax.data.shapes_render import (
 )
 from pairuni_jax.data.shapes_text import (
     GEN_CATEGORIES,
+    LETTERS,
     QUESTION_TAGS,
     ObjectSpec,
     PromptSpec,
@@ -59,6 +64,7 @@ from pairuni_jax.data.shapes_text import (
     count_key,
     format_prompt,
     make_question,
+    option_count,
     prompt_keys,
     relation_key,
     scene_keys,
@@ -232,14 +238,23 @@ def generation_item(seed: int, index: int, split: str = "train", cfg: WorldConfi
 def understanding_item(seed: int, index: int, split: str = "train",
                        cfg: WorldConfig = DEFAULT_WORLD,
                        heldout: HeldOut = DEFAULT_HELDOUT) -> Item:
-    """Understanding item `index`: tag QUESTION_TAGS[index % 5] about a random scene."""
+    """Understanding item `index`: tag QUESTION_TAGS[index % 5] about a random scene, with its
+    answer letter fixed by the index so that every letter of a tag is equally often right.
+
+    Balanced answers make a split's accuracy measure reading: without them the answers would
+    follow the split's filter (training text never names a held-out combination, held-out items
+    must touch one): 65% of the training "How many ...?" would be "one" and 65% of the held-out
+    "Is there ...?" "no", so a prior learnt on one split would be wrong on the other.
+    """
     rng = item_rng(seed, split, "und", index)
     tag = QUESTION_TAGS[index % len(QUESTION_TAGS)]
+    n_options = option_count(tag, cfg.colors, cfg.shuffle_options)
+    answer = LETTERS[(index // len(QUESTION_TAGS)) % n_options]
 
     def draw():
         scene = sample_random_scene(rng, cfg, min_objects=2 if tag == "position" else 1)
         q = make_question(scene, tag, rng, cfg.colors, cfg.shuffle_options)
-        return None if q is None else Item(scene, question=q)
+        return None if q is None or q.answer != answer else Item(scene, question=q)
 
     return _rejection(draw, split, heldout.keys(), f"{tag} question")
 

@@ -272,6 +272,13 @@ def make_question(scene: Scene, tag: str, rng: np.random.Generator, colors=COLOR
     return QUESTION_BUILDERS[tag](scene, rng, colors, shuffle)
 
 
+def option_count(tag: str, colors=COLORS, shuffle: bool = False) -> int:
+    """How many options a question of category `tag` lists."""
+    n = {"color": len(colors), "shape": len(SHAPES), "count": len(NUMBER_WORDS),
+         "position": len(POSITION_OPTIONS), "existence": 2}[tag]
+    return n if tag == "existence" or not shuffle else min(4, n)
+
+
 def world_words() -> list[str]:
     """Every word the prompts, questions and options use (for the tokenizer's vocabulary)."""
     words = set(COLORS) | set(SHAPES) | {s + "s" for s in SHAPES} | set(NUMBER_WORDS)
