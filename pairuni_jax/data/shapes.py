@@ -298,7 +298,7 @@ def write_world(
     *,
     train_size: int = 1200,
     train_pairs: int = 600,
-    heldout_size: int = 300,
+    heldout_size: int = 1200,
     heldout_pairs: int = 150,
     test_size: int = 300,
     cfg: WorldConfig = DEFAULT_WORLD,
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image_size", type=int, default=WorldConfig.image_size)
     parser.add_argument("--train_size", type=int, default=1200)
     parser.add_argument("--train_pairs", type=int, default=600)
-    parser.add_argument("--heldout_size", type=int, default=300)
+    parser.add_argument("--heldout_size", type=int, default=1200)
     parser.add_argument("--heldout_pairs", type=int, default=150)
     parser.add_argument("--test_size", type=int, default=300)
     parser.add_argument("--shuffle_options", action="store_true",
