@@ -93,6 +93,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         eps_low=0.2,
         eps_high=0.2,
         beta=0.0,
+        adv_eps=1e-4,  # A = (r - mean) / (std + adv_eps) per group, as T2I-R1
+        std_ddof=1,  # unbiased group std (torch's default, T2I-R1); 0: population std
         pair_weighting="sqrt",  # retrieved pairs: sqrt(s_p) | linear | none; aligned: 1
         aggregation="task_sum",  # token_mean | seq_mean | task_sum
         combiner=dict(mode="sum", normalization="none", groups=()),

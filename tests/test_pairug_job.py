@@ -18,6 +18,7 @@ from tiny_tokenizer import save_tiny_tokenizer
 
 from pairuni_jax.data import pairug
 from pairuni_jax.processing import SPECIAL_TOKENS
+from pairuni_jax.rl.grpo import GRPOConfig
 from pairuni_jax.train import pairug_job, run
 
 
@@ -50,6 +51,11 @@ def test_command_line_overrides_reach_the_rl_config():
     assert cfg.frozen == (r"^vision_model/", r"^vqmodel/")
     assert (c.mesh.data, c.mesh.fsdp) == (-1, 2)
     assert pairug_job.build_rl_config(load()).update.lora is None  # rank 0: full fine-tuning
+    grpo_cfg = pairug_job.build_rl_config(
+        load("", "--config.rl.adv_eps=0.01", "--config.rl.std_ddof=0")).update.grpo
+    assert (grpo_cfg.adv_eps, grpo_cfg.std_ddof) == (0.01, 0)
+    assert pairug_job.build_rl_config(load()).update.grpo == GRPOConfig(
+        eps_low=0.2, eps_high=0.2, beta=0.0, pair_weighting="sqrt", aggregation="task_sum")
     with pytest.raises(pairug_job.ConfigError, match=r"config\.rl\.group_size"):
         pairug_job.validate(load("", "--config.rl.group_size=1"))
     with pytest.raises(pairug_job.ConfigError, match=r"config\.rl.*pair_weighting"):

@@ -102,10 +102,13 @@ def rl_config_from(r, seed: int, *, frozen: tuple[str, ...] = lora_lib.JANUS_FRO
                    lora: lora_lib.LoraConfig | None = None) -> RLConfig:
     """RLConfig from a config's `rl` section (configs/shapes.py and configs/pairug.py).
 
-    Fields a section leaves out (weight_decay, format_weight, keep) take RLConfig's defaults.
+    Fields a section leaves out (weight_decay, format_weight, keep, adv_eps, std_ddof) take
+    RLConfig's and GRPOConfig's defaults.
     """
+    advantages = {k: r[k] for k in ("adv_eps", "std_ddof") if k in r}
     grpo_cfg = GRPOConfig(eps_low=r.eps_low, eps_high=r.eps_high, beta=r.beta,
-                          pair_weighting=r.pair_weighting, aggregation=r.aggregation)
+                          pair_weighting=r.pair_weighting, aggregation=r.aggregation,
+                          **advantages)
     update = rl_step.UpdateConfig(grpo=grpo_cfg, combiner=combiner_from(r.combiner),
                                   group_size=r.group_size, num_micro_batches=r.num_micro_batches,
                                   lora=lora)
