@@ -25,6 +25,7 @@ RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of",
 NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three")
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+MAX_SHUFFLED_OPTIONS = 4  # with shuffled options: the correct one and up to 3 others
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,8 +160,8 @@ def _mc(rng, tag, stem, options, correct, keys, shuffle: bool) -> Question:
     four of them (the correct one and random others) in random order."""
     if shuffle:
         others = [o for o in options if o != correct]
-        keep = [correct] + [others[i] for i in rng.choice(len(others), min(3, len(others)),
-                                                          replace=False)]
+        n_others = min(MAX_SHUFFLED_OPTIONS - 1, len(others))
+        keep = [correct] + [others[i] for i in rng.choice(len(others), n_others, replace=False)]
         options = [keep[i] for i in rng.permutation(len(keep))]
     return Question(tag, mc_text(stem, options), LETTERS[options.index(correct)], frozenset(keys))
 
@@ -177,8 +178,8 @@ def color_question(scene: Scene, rng: np.random.Generator, colors=COLORS,
     if not cands:
         return None
     obj = cands[rng.integers(len(cands))]
-    return _mc(rng, "color", f"What color is the {obj.shape}?", list(colors), obj.color,
-               {color_shape_key(obj.color, obj.shape)}, shuffle)
+    return _mc(rng, "color", f"What color is the {obj.shape}?", options_of("color", colors),
+               obj.color, {color_shape_key(obj.color, obj.shape)}, shuffle)
 
 
 def shape_question(scene: Scene, rng: np.random.Generator, colors=COLORS,
@@ -188,8 +189,8 @@ def shape_question(scene: Scene, rng: np.random.Generator, colors=COLORS,
     if not cands:
         return None
     obj = cands[rng.integers(len(cands))]
-    return _mc(rng, "shape", f"What shape is the {obj.color} object?", list(SHAPES), obj.shape,
-               {color_shape_key(obj.color, obj.shape)}, shuffle)
+    return _mc(rng, "shape", f"What shape is the {obj.color} object?", options_of("shape"),
+               obj.shape, {color_shape_key(obj.color, obj.shape)}, shuffle)
 
 
 def count_question(scene: Scene, rng: np.random.Generator, colors=COLORS,
@@ -203,7 +204,7 @@ def count_question(scene: Scene, rng: np.random.Generator, colors=COLORS,
             SHAPES[rng.integers(len(SHAPES))]
         n = sum(o.shape == shape for o in scene)
         stem, keys = f"How many {shape}s are there?", {count_key(shape, n)}
-    return _mc(rng, "count", stem, list(NUMBER_WORDS), NUMBER_WORDS[n], keys, shuffle)
+    return _mc(rng, "count", stem, options_of("count"), NUMBER_WORDS[n], keys, shuffle)
 
 
 POSITION_OPTIONS = {"left of": "to the left", "right of": "to the right",
@@ -222,7 +223,7 @@ def position_question(scene: Scene, rng: np.random.Generator, colors=COLORS,
     stem = f"Where is the {a.color} {a.shape} relative to the {b.color} {b.shape}?"
     keys = {relation_key(a.shape, rel, b.shape), color_shape_key(a.color, a.shape),
             color_shape_key(b.color, b.shape)}  # the relation, and the two objects it names
-    return _mc(rng, "position", stem, list(POSITION_OPTIONS.values()), POSITION_OPTIONS[rel],
+    return _mc(rng, "position", stem, options_of("position"), POSITION_OPTIONS[rel],
                keys, shuffle)
 
 
@@ -247,7 +248,7 @@ def existence_question(scene: Scene, rng: np.random.Generator, colors=COLORS,
             pool = absent
         color, shape = pool[rng.integers(len(pool))]
         answer = "B"
-    text = mc_text(f"Is there a {color} {shape} in the image?", ["yes", "no"])
+    text = mc_text(f"Is there a {color} {shape} in the image?", options_of("existence"))
     return Question("existence", text, answer, frozenset({color_shape_key(color, shape)}))
 
 
@@ -272,11 +273,16 @@ def make_question(scene: Scene, tag: str, rng: np.random.Generator, colors=COLOR
     return QUESTION_BUILDERS[tag](scene, rng, colors, shuffle)
 
 
+def options_of(tag: str, colors=COLORS) -> list[str]:
+    """The options of a question of category `tag`, in their canonical order."""
+    return {"color": list(colors), "shape": list(SHAPES), "count": list(NUMBER_WORDS),
+            "position": list(POSITION_OPTIONS.values()), "existence": ["yes", "no"]}[tag]
+
+
 def option_count(tag: str, colors=COLORS, shuffle: bool = False) -> int:
-    """How many options a question of category `tag` lists."""
-    n = {"color": len(colors), "shape": len(SHAPES), "count": len(NUMBER_WORDS),
-         "position": len(POSITION_OPTIONS), "existence": 2}[tag]
-    return n if tag == "existence" or not shuffle else min(4, n)
+    """How many options a question of category `tag` lists (existence is never shuffled)."""
+    n = len(options_of(tag, colors))
+    return n if tag == "existence" or not shuffle else min(MAX_SHUFFLED_OPTIONS, n)
 
 
 def world_words() -> list[str]:
